@@ -1,0 +1,116 @@
+"""The one entry point: `budgetune <command>`.
+
+Each subcommand is a plain function that parses its arguments and calls into the module that
+owns the work. User mistakes (`UserInputError`) print one line and exit 2; a run that was
+interrupted exits 130; `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from budgetune.engine.errors import BudgetuneError, UserInputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Spend a fixed GPU budget on the best LoRA finetune of an open LLM.",
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+# --- engine: one run ------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    study: Annotated[Path, typer.Argument(help="Study file (TOML) giving model, data and defaults.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. lr=1e-4")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Run directory.")] = None,
+) -> None:
+    """One finetune run with fixed hyperparameters (Lit-GPT 2023 defaults + overrides)."""
+    from budgetune.search.commands import train as run
+
+    run(study, overrides or [], out_dir)
+
+
+@app.command()
+def prepare(
+    study: Annotated[Path, typer.Argument(help="Study file (TOML).")],
+) -> None:
+    """Download the model and datasets and build the tokenized cache ahead of time."""
+    from budgetune.search.commands import prepare as run
+
+    run(study)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Exported model folder, base model, or run dir.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Instruction to answer.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 50,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
+    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not wrap the prompt in the template.")] = False,
+) -> None:
+    """Generate text from a prompt."""
+    from budgetune.search.commands import generate as run
+
+    run(model, prompt, adapter, max_new_tokens, temperature, top_k, raw)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter folder (or a run dir).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged Hugging Face folder.")],
+    base: Annotated[str | None, typer.Option("--base", help="Base model (default: from adapter).")] = None,
+) -> None:
+    """Merge a LoRA adapter into its base model and export a Hugging Face folder."""
+    from budgetune.search.commands import merge as run
+
+    run(adapter, out_dir, base)
+
+
+def main() -> None:
+    """Console entry point: one clear line for user mistakes, tracebacks only with --debug."""
+    try:
+        app(standalone_mode=False)
+    except KeyboardInterrupt:
+        print("budgetune: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except UserInputError as e:
+        if _state["debug"]:
+            raise
+        print(f"budgetune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BudgetuneError as e:
+        if _state["debug"]:
+            raise
+        print(f"budgetune: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:
+        # Usage errors from typer's bundled click: show them as click would, with its exit code.
+        name = type(e).__name__
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
+        if name == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if name == "Abort":
+            print("budgetune: interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
+
+if __name__ == "__main__":
+    main()
