@@ -82,6 +82,26 @@ def merge(
     run(adapter, out_dir, base)
 
 
+@app.command()
+def report(
+    source: Annotated[str, typer.Argument(help="Run directory, study.db, or storage URL.")],
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name (default: the only one).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="HTML page (default: <run dir>/report.html).")
+    ] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Also export trials as CSV.")] = None,
+    parquet: Annotated[
+        Path | None, typer.Option("--parquet", help="Also export trials as Parquet.")
+    ] = None,
+) -> None:
+    """Write one offline HTML page of a study (finished or running) and its trial table."""
+    from budgetune.search.report import report_command as run
+
+    run(source, study, out, csv, parquet)
+
+
 def main() -> None:
     """Console entry point: one clear line for user mistakes, tracebacks only with --debug."""
     try:

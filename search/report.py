@@ -1,0 +1,337 @@
+"""`budgetune report`: one self-contained HTML page, plus the trial table for pandas.
+
+Users decide what to try next from this page and send it to their team, often from a
+machine with no network: plotly.js is embedded once in the page head (no CDN, no MathJax, no
+web fonts), and every figure is a plain `Plotly.newPlot` call on it. The page reads a study
+that may still be running; what is not there yet says "no data" instead of failing.
+
+Layout: summary (budget, outcomes, best trial, final run, warnings) -> search (importances,
+history, learning curves, parallel coordinates, slices, contour) -> budget (timeline,
+cumulative spend, throughput/memory, mixture, holdout) -> final run -> trial table.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import plotly.io as pio
+import plotly.offline
+from budgetune.engine.errors import UserInputError
+from budgetune.search import report_figures as figs
+from budgetune.search.report_data import (
+    OUTCOMES,
+    TASK_PREFIX,
+    ReportData,
+    collect,
+    outcome_of,
+)
+
+_PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+"""No "edit in Chart Studio" link: the page never sends anyone to the network."""
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
+       max-width: 1280px; padding: 0 24px 48px; color: #1d3557; }
+nav { position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid #ddd;
+      z-index: 10; }
+nav a { margin-right: 16px; color: #457b9d; text-decoration: none; }
+h1 { margin-bottom: 4px; } h2 { margin-top: 40px; border-bottom: 2px solid #e9ecef; }
+.meta { color: #6c757d; margin-top: 0; }
+.cards { display: flex; flex-wrap: wrap; gap: 24px; }
+.cards > div { flex: 1 1 360px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #dee2e6; padding: 3px 8px; text-align: left; }
+th { background: #f1f3f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.warn { background: #fff3cd; border-left: 4px solid #e9c46a; padding: 8px 12px; margin: 6px 0; }
+.ok { color: #2a9d8f; }
+.note { color: #6c757d; font-size: 13px; margin: 0 0 24px; }
+.figure { margin-top: 16px; }
+.scroll { overflow-x: auto; max-height: 600px; }
+"""
+
+
+def write_report(
+    source: str,
+    study_name: str | None = None,
+    out: Path | None = None,
+    csv: Path | None = None,
+    parquet: Path | None = None,
+) -> Path:
+    """Write the HTML report (default: `<run dir>/report.html`) and optional table exports.
+
+    Returns the HTML path. Storage problems (no such run dir, several studies and no name)
+    raise `UserInputError` naming what was wrong.
+    """
+    data = collect(source, study_name)
+    if out is None:
+        out = (Path(source) if Path(source).is_dir() else Path.cwd()) / "report.html"
+    out = Path(out)
+    _writable(out)
+    out.write_text(render(data), encoding="utf-8")
+    export_table(data, csv=csv, parquet=parquet)
+    return out
+
+
+def report_command(
+    source: str,
+    study_name: str | None,
+    out: Path | None,
+    csv: Path | None,
+    parquet: Path | None,
+) -> None:
+    """`budgetune report`: write the page (and tables) and print where they are."""
+    page = write_report(source, study_name, out, csv=csv, parquet=parquet)
+    print(f"report: {page}")
+    for kind, path in (("csv", csv), ("parquet", parquet)):
+        if path is not None:
+            print(f"{kind}: {path}")
+
+
+def _writable(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise UserInputError(f"{path}: folder {path.parent} does not exist")
+
+
+def export_table(data: ReportData, csv: Path | None = None, parquet: Path | None = None) -> None:
+    """Write the trial table; CSV and Parquet get exactly the same columns."""
+    for path in (csv, parquet):
+        if path is not None:
+            _writable(Path(path))
+    if csv is not None:
+        data.table.to_csv(csv, index=False)
+    if parquet is not None:
+        data.table.to_parquet(parquet, index=False)
+
+
+def build_figures(data: ReportData) -> dict[str, list[figs.Figure]]:
+    """Every figure of the page, by section, in page order."""
+    importances = figs.compute_importances(data)
+    return {
+        "search": [
+            figs.importance_figure(data, importances),
+            figs.history_figure(data),
+            figs.learning_curves_figure(data),
+            figs.parallel_figure(data),
+            figs.slice_figure(data),
+            figs.contour_figure(data, importances),
+        ],
+        "budget": [
+            figs.timeline_figure(data),
+            figs.spend_figure(data),
+            figs.hardware_figure(data),
+            figs.mix_figure(data),
+            figs.holdout_figure(data),
+        ],
+        "final": [figs.final_curve_figure(data)],
+    }
+
+
+def render(data: ReportData) -> str:
+    """The whole page as one string."""
+    sections = build_figures(data)
+    title = f"budgetune report: {data.study.study_name}"
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">{html.escape(data.source)} · {data.phase} · {data.direction} '
+        f"{html.escape(figs.objective_name(data))} · generated "
+        f"{data.generated_at:%Y-%m-%d %H:%M:%S} UTC</p>",
+        '<nav><a href="#summary">Summary</a><a href="#search">Search</a>'
+        '<a href="#budget">Budget</a><a href="#final">Final run</a>'
+        '<a href="#trials">Trials</a></nav>',
+        '<section id="summary"><h2>Summary</h2>',
+        _summary(data),
+        "</section>",
+        '<section id="search"><h2>Search</h2>', *_figures(sections["search"]), "</section>",
+        '<section id="budget"><h2>Where the budget went</h2>', *_figures(sections["budget"]),
+        "</section>",
+        '<section id="final"><h2>Final run</h2>', *_figures(sections["final"]),
+        _final_tasks(data), "</section>",
+        '<section id="trials"><h2>Trials</h2>', _trials(data), "</section>",
+    ]
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style>",
+        # plotly.js once, inline: the page must open with no network.
+        f'<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>',
+        "</head><body>",
+        *body,
+        "</body></html>",
+    ])
+
+
+def _figures(figures: Iterable[figs.Figure]) -> list[str]:
+    out = []
+    for f in figures:
+        div = pio.to_html(f.fig, full_html=False, include_plotlyjs=False, include_mathjax=False,
+                          div_id=f"fig-{f.key}", config=_PLOT_CONFIG)
+        note = f'<p class="note">{html.escape(f.note)}</p>' if f.note else ""
+        out.append(f'<div class="figure" data-key="{f.key}" data-has-data="'
+                   f'{str(f.has_data).lower()}">{div}{note}</div>')
+    return out
+
+
+# --- summary ------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def _table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for v in row:
+            cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{html.escape(_fmt(v))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def spent_by_category(data: ReportData) -> dict[str, float]:
+    """GPU-seconds spent per ledger category (trials, evals, final, overhead, ...)."""
+    if data.ledger.empty:
+        return {}
+    return {str(k): float(v) for k, v in data.ledger.groupby("category")["seconds"].sum().items()}
+
+
+def outcome_counts(data: ReportData) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in data.trials:
+        counts[outcome_of(t)] = counts.get(outcome_of(t), 0) + 1
+    order = [o for o in OUTCOMES if o in counts] + sorted(set(counts) - set(OUTCOMES))
+    return {o: counts[o] for o in order}
+
+
+def report_warnings(data: ReportData) -> list[str]:
+    """What the reader should know before trusting the page."""
+    out: list[str] = []
+    n_done = len(data.completed)
+    if n_done < figs.MIN_TRIALS_FOR_IMPORTANCE:
+        out.append(f"Only {n_done} completed trials: parameter importances are unreliable below "
+                   f"{figs.MIN_TRIALS_FOR_IMPORTANCE}.")
+    frontier = figs.oom_frontier(data)
+    if frontier:
+        n_oom = sum(outcome_of(t) == "oom" for t in data.trials)
+        where = ", ".join(f"rank {r:g}: micro-batch ≥ {mb:g}" for r, mb in sorted(frontier.items()))
+        out.append(f"OOM frontier hit: {n_oom} trials ran out of memory ({where}). The search "
+                   "space reaches past what fits on this GPU.")
+    n_div = sum(outcome_of(t) == "diverged" for t in data.trials)
+    if n_div:
+        out.append(f"{n_div} trials diverged: the learning-rate range may reach too high.")
+    n_failed = sum(outcome_of(t) == "failed" for t in data.trials)
+    if n_failed:
+        out.append(f"{n_failed} trials failed for other reasons: see the reason column below.")
+    out.extend(_overfitting_warnings(data))
+    spent = sum(spent_by_category(data).values())
+    if data.budget_s is not None and spent > data.budget_s * 1.001:
+        out.append(f"Spent {_duration(spent)} of a {_duration(data.budget_s)} budget.")
+    return out
+
+
+def _overfitting_warnings(data: ReportData) -> list[str]:
+    """The evaluation module's overfitting guard, when that module is present."""
+    try:
+        from budgetune.search.evaluation import overfitting_warnings
+    except ImportError:
+        return []
+    return [str(w) for w in overfitting_warnings(data.trials)]
+
+
+def _summary(data: ReportData) -> str:
+    spent = spent_by_category(data)
+    total = sum(spent.values())
+    budget = data.budget_s
+    rows: list[list[Any]] = [["budget", _duration(budget), "100%" if budget else ""]]
+    for category, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+        rows.append([category, _duration(seconds), f"{seconds / budget:.1%}" if budget else ""])
+    rows.append(["spent", _duration(total), f"{total / budget:.1%}" if budget else ""])
+    if budget:
+        rows.append(["left", _duration(max(budget - total, 0.0)),
+                     f"{max(budget - total, 0.0) / budget:.1%}"])
+    budget_html = _table(["", "GPU time", "of budget"], rows)
+    counts = outcome_counts(data)
+    trials_html = _table(["outcome", "trials"], [*counts.items(), ["total", len(data.trials)]])
+    best = data.best_trial()
+    if best is None:
+        best_html = "<p>No completed trial yet.</p>"
+    else:
+        attrs = ["cost_s", "tokens_per_s", "peak_memory_bytes", "search_score", "holdout_score"]
+        best_html = (f"<p>Trial {best.number}: {html.escape(figs.objective_name(data))} = "
+                     f"{best.value:.5g}</p>"
+                     + _table(["parameter", "value"], sorted(best.params.items()))
+                     + _table(["attribute", "value"],
+                              [(a, best.user_attrs[a]) for a in attrs if a in best.user_attrs]))
+    final = {k: v for k, v in data.final.items() if not isinstance(v, dict | list)}
+    final_html = (_table(["final run", "value"], sorted(final.items())) if final
+                  else "<p>The final run has not run yet.</p>")
+    warnings = report_warnings(data)
+    warn_html = ("".join(f'<div class="warn">{html.escape(w)}</div>' for w in warnings)
+                 if warnings else '<p class="ok">No warnings.</p>')
+    return (f'<div class="cards"><div><h3>Budget</h3>{budget_html}</div>'
+            f"<div><h3>Trials</h3>{trials_html}</div>"
+            f"<div><h3>Best trial</h3>{best_html}</div>"
+            f"<div><h3>Final run</h3>{final_html}</div></div>"
+            f"<h3>Warnings</h3>{warn_html}")
+
+
+def final_task_scores(data: ReportData) -> list[tuple[str, str, float]]:
+    """(task, metric, value) of the final run's full evaluation."""
+    rows: list[tuple[str, str, float]] = []
+    tasks = data.final.get("tasks")
+    if isinstance(tasks, dict):
+        for task, metrics in tasks.items():
+            if isinstance(metrics, dict):
+                rows += [(task, m, v) for m, v in metrics.items() if isinstance(v, int | float)]
+    for key, value in data.final.items():
+        if key.startswith(TASK_PREFIX) and isinstance(value, int | float):
+            task, _, metric = key[len(TASK_PREFIX):].rpartition(".")
+            rows.append((task or metric, metric if task else "score", value))
+    return sorted(set(rows))
+
+
+def _final_tasks(data: ReportData) -> str:
+    rows = final_task_scores(data)
+    if not rows:
+        return "<p>No per-task evaluation of the final run yet.</p>"
+    return "<h3>Per-task evaluation</h3>" + _table(["task", "metric", "value"], rows)
+
+
+def _trials(data: ReportData) -> str:
+    table = data.table
+    if table.empty:
+        return "<p>No trials yet.</p>"
+    shown = table.drop(columns=[c for c in ("datetime_start", "datetime_complete") if c in table])
+    header = [c.removeprefix("params_").removeprefix("user_attrs_") for c in shown.columns]
+    rows = ([None if _missing(v) else v for v in row] for row in shown.itertuples(index=False))
+    return ('<p class="note">The same table is exported by <code>--csv</code> and '
+            f'<code>--parquet</code> (with start/complete times).</p><div class="scroll">'
+            f"{_table(header, rows)}</div>")
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return bool(value != value)  # NaN and NaT are the values not equal to themselves
+    except (TypeError, ValueError):
+        return False
