@@ -102,6 +102,35 @@ def report(
     run(source, study, out, csv, parquet)
 
 
+# --- submission: the challenge's HTTP API and its Docker image ----------------------------
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Exported model folder, or a study run dir.")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8080,
+) -> None:
+    """Serve the model with the challenge's HTTP API (/process, /tokenize, /decode)."""
+    from budgetune.search.serve import serve as run
+
+    run(model, host, port)
+
+
+@app.command("export-submission")
+def export_submission(
+    run_dir: Annotated[Path, typer.Argument(help="Study run dir (or exported model folder).")],
+    out_dir: Annotated[Path, typer.Argument(help="Docker build context to write.")],
+    base_image: Annotated[
+        str | None, typer.Option("--base-image", help="CUDA PyTorch image to build on.")
+    ] = None,
+) -> None:
+    """Write a Dockerfile + README that build an image serving the final model on port 80."""
+    from budgetune.search.submission import export_submission as run
+
+    run(run_dir, out_dir, base_image)
+
+
 def main() -> None:
     """Console entry point: one clear line for user mistakes, tracebacks only with --debug."""
     try:
