@@ -1,0 +1,215 @@
+"""`budgetune report`: the page, its figures and the trial-table exports.
+
+Edge cases (a running study, an empty one, several studies in one storage) are built
+directly with Optuna's API, trial by trial, so each test states exactly what the storage
+holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import plotly.offline
+import pytest
+from budgetune.engine.errors import UserInputError
+from budgetune.search import report_figures
+from budgetune.search.cli import app
+from budgetune.search.report import build_figures, render, report_warnings, write_report
+from budgetune.search.report_data import collect
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+from typer.testing import CliRunner
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+_DISTS = {
+    "lora_rank": CategoricalDistribution([4, 8, 16, 32]),
+    "lr": FloatDistribution(1e-5, 1e-2, log=True),
+    "micro_batch": CategoricalDistribution([1, 2, 4, 8, 16]),
+    "mix.dolly": FloatDistribution(0.0, 1.0),
+    "mix.alpaca": FloatDistribution(0.0, 1.0),
+}
+
+
+def _add(study: optuna.Study, i: int, outcome: str, start: dt.datetime, **params: float) -> None:
+    """One finished trial as the driver records it: params, outcome attrs, a loss curve."""
+    p = {"lora_rank": 8, "lr": 3e-4, "micro_batch": 4, "mix.dolly": 0.5, "mix.alpaca": 0.5}
+    p.update(params)
+    n_reports = {"complete": 5, "pruned": 2, "diverged": 3, "oom": 0}[outcome]
+    curve = {10 * (s + 1): 2.5 * math.exp(-0.2 * s) + 0.01 * i for s in range(n_reports)}
+    if outcome == "diverged":
+        curve[10 * n_reports] = 80.0
+    state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(
+        outcome, TrialState.FAIL)
+    cost = 30.0 + 20.0 * n_reports
+    attrs = {"outcome": outcome, "reason": "" if outcome == "complete" else outcome,
+             "cost_s": cost, "cost_train_s": 0.8 * cost, "cost_eval_s": 0.2 * cost,
+             "tokens_per_s": 100.0 * p["micro_batch"],
+             "peak_memory_bytes": int(p["micro_batch"] * p["lora_rank"] * 2**24),
+             "worker_id": f"w{i % 2}"}
+    value = None
+    if outcome == "complete":
+        value = curve[max(curve)]
+        attrs.update({"search_score": 1 - value / 3, "holdout_score": 1 - value / 2.5,
+                      "task.mmlu_mini.acc": 0.25 + 0.01 * i})
+    trial = create_trial(state=state, value=value, params=p, distributions=_DISTS,
+                         user_attrs=attrs, intermediate_values=curve)
+    trial.datetime_start = start
+    trial.datetime_complete = start + dt.timedelta(seconds=cost)
+    study.add_trial(trial)
+
+
+def _study(run_dir: Path, name: str = "demo", n: int = 32) -> optuna.Study:
+    """A finished search of `n` trials: completes, prunes, OOMs (big micro-batch), divergences."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{run_dir}/study.db")
+    study.set_user_attr("budget_s", 4000.0)
+    start = dt.datetime(2024, 5, 1, 9, 0, 0)
+    for i in range(n):
+        rank, mb = (4, 8, 16, 32)[i % 4], (1, 2, 4, 8, 16)[i % 5]
+        lr = 10 ** (-5 + 3 * ((i * 7) % n) / n)
+        outcome = ("oom" if rank * mb >= 128 else "diverged" if lr > 4e-3
+                   else "pruned" if i % 3 == 0 else "complete")
+        _add(study, i, outcome, start + dt.timedelta(seconds=100 * i), lora_rank=rank,
+             micro_batch=mb, lr=lr, **{"mix.dolly": (i % 7) / 7, "mix.alpaca": 1 - (i % 5) / 5})
+    return study
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 32-trial study shared by the tests that only read it (SQLite writes are slow)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    _study(run_dir)
+    return run_dir
+
+
+def test_report_page_embeds_plotly_once_and_draws_every_figure(finished: Path) -> None:
+    page = write_report(str(finished))
+    text = page.read_text()
+    assert page == finished / "report.html"
+    # plotly.js is inline exactly once; outside it, nothing points at the network.
+    assert text.count("* plotly.js v") == 1
+    ours = text.replace(plotly.offline.get_plotlyjs(), "")
+    assert not re.search(r"""(src|href)=["']https?:""", ours)
+    assert "MathJax" not in ours
+    has_data = dict(re.findall(r'data-key="(\w+)" data-has-data="(true|false)"', text))
+    # No final run in this study: its curve is the one figure with nothing to draw.
+    assert {k for k, v in has_data.items() if v == "false"} == {"final"}
+    assert len(has_data) == 12
+    assert "OOM frontier hit" in text and "trials diverged" in text
+
+
+def test_tables_have_the_same_columns_in_csv_and_parquet(finished: Path, tmp_path: Path) -> None:
+    csv, parquet = tmp_path / "trials.csv", tmp_path / "trials.parquet"
+    write_report(str(finished), out=tmp_path / "r.html", csv=csv, parquet=parquet)
+    from_csv, from_parquet = pd.read_csv(csv), pd.read_parquet(parquet)
+    assert list(from_csv.columns) == list(from_parquet.columns)
+    assert len(from_csv) == len(from_parquet) == 32
+    for col in ("number", "outcome", "value", "duration_s", "params_lora_rank", "params_lr",
+                "params_mix.dolly", "user_attrs_cost_s", "user_attrs_tokens_per_s",
+                "user_attrs_peak_memory_bytes", "user_attrs_reason",
+                "user_attrs_task.mmlu_mini.acc"):
+        assert col in from_parquet.columns, col
+    assert set(from_parquet.outcome) == {"complete", "pruned", "oom", "diverged"}
+    # Per-task scores exist only for completed trials.
+    scored = from_parquet.dropna(subset=["user_attrs_task.mmlu_mini.acc"])
+    assert set(scored.outcome) == {"complete"}
+    assert from_csv["value"].dropna().tolist() == pytest.approx(
+        from_parquet["value"].dropna().tolist())
+
+
+def test_importances_are_reproducible_and_contour_uses_the_top_two(finished: Path) -> None:
+    data = collect(str(finished))
+    first = report_figures.compute_importances(data)
+    second = report_figures.compute_importances(collect(str(finished)))
+    assert set(first) == {"PED-ANOVA", "fANOVA"}
+    assert first == second
+    top = sorted(first["fANOVA"], key=lambda k: -first["fANOVA"][k])[:2]
+    contour = report_figures.contour_figure(data, first)
+    assert contour.has_data and contour.title == f"Contour: {top[0]} vs {top[1]}"
+
+
+def test_hardware_figure_marks_the_oom_frontier(finished: Path) -> None:
+    data = collect(str(finished))
+    # rank * micro_batch >= 128 ran out of memory: rank 8 from 16, 16 from 8, 32 from 4.
+    assert report_figures.oom_frontier(data) == {8.0: 16.0, 16.0: 8.0, 32.0: 4.0}
+    fig = report_figures.hardware_figure(data).fig
+    frontier = [t for t in fig.data if t.name == "OOM frontier"]
+    assert len(frontier) == 1 and list(frontier[0].x) == [16.0, 8.0, 4.0]
+
+
+def test_few_trials_say_importances_mean_little(tmp_path: Path) -> None:
+    _study(tmp_path, n=6)
+    data = collect(str(tmp_path))
+    assert any("importances are unreliable" in w for w in report_warnings(data))
+    figure = report_figures.importance_figure(data, report_figures.compute_importances(data))
+    assert figure.note.startswith(f"Only {len(data.completed)} completed trials")
+
+
+def test_running_study_reports_running_trials(tmp_path: Path) -> None:
+    study = _study(tmp_path, n=12)
+    running = study.ask()  # a worker holds a GPU for this trial right now
+    running.suggest_categorical("lora_rank", [4, 8, 16, 32])
+    running.report(2.0, step=10)
+    data = collect(str(tmp_path))
+    assert data.phase == "running"
+    row = data.table.set_index("number").loc[running.number]
+    assert row.outcome == "running" and row.state == "RUNNING"
+    # The running trial's span ends "now", after every finished trial.
+    spans = data.ledger.set_index("trial")
+    assert spans.loc[running.number, "end_s"] == spans.end_s.max()
+    assert "fig-curves" in render(data)
+
+
+def test_empty_study_renders_with_no_data_notes(tmp_path: Path) -> None:
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/study.db")
+    data = collect(str(tmp_path))
+    figures = [f for section in build_figures(data).values() for f in section]
+    assert len(figures) == 12 and not any(f.has_data for f in figures)
+    assert "No completed trial yet." in render(data)
+
+
+def test_final_run_curve_and_task_table(tmp_path: Path) -> None:
+    study = _study(tmp_path, n=10)
+    study.set_user_attr("final", {
+        "val_loss": 1.1, "status": "completed",
+        "curve": [{"step": 100 * i, "metrics": {"val_loss": 2.0 / i, "train_loss": 2.1 / i}}
+                  for i in range(1, 6)],
+        "tasks": {"mmlu_mini": {"acc": 0.31}, "truthfulqa_mini": {"exact_match": 0.12}},
+    })
+    data = collect(str(tmp_path))
+    assert data.phase == "finished"
+    final = report_figures.final_curve_figure(data)
+    assert {t.name for t in final.fig.data} == {"val loss", "train loss"}
+    text = render(data)
+    assert "<td>truthfulqa_mini</td><td>exact_match</td><td class=\"num\">0.12</td>" in text
+
+
+def test_bad_sources_are_one_line_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="no such run directory"):
+        collect(str(tmp_path / "missing"))
+    with pytest.raises(UserInputError, match="no study.db in this run directory"):
+        collect(str(tmp_path))
+    _study(tmp_path, name="a", n=3)
+    _study(tmp_path, name="b", n=3)
+    with pytest.raises(UserInputError, match=r"pass --study \(studies found: a, b\)"):
+        collect(str(tmp_path))
+    with pytest.raises(UserInputError, match="--study 'c': not in"):
+        collect(str(tmp_path), "c")
+    assert len(collect(f"sqlite:///{tmp_path}/study.db", "b").trials) == 3
+
+
+def test_cli_writes_the_report_and_prints_its_path(tmp_path: Path) -> None:
+    _study(tmp_path, n=8)
+    out = tmp_path / "page.html"
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "-o", str(out), "--csv",
+                                      str(tmp_path / "t.csv")])
+    assert result.exit_code == 0, result.output
+    assert f"report: {out}" in result.output
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert len(pd.read_csv(tmp_path / "t.csv")) == 8
