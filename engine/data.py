@@ -502,17 +502,29 @@ class MixtureSampler:
 
 
 def validation_batches(
-    val: TokenizedSource, micro_batch: int, pad_id: int, max_batches: int | None = None
+    val: TokenizedSource,
+    micro_batch: int,
+    pad_id: int,
+    max_batches: int | None = None,
+    *,
+    max_examples: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The fixed validation micro-batches: the same for every mix and seed.
 
-    With `max_batches`, the first `max_batches * micro_batch` examples in file order are
-    used (a fixed subset, not the shortest ones); within it examples are sorted by length so
-    little of the eval's compute goes to padding.
+    The examples used are the first ones in file order (a fixed subset, not the shortest):
+    at most `max_batches * micro_batch` and at most `max_examples`. Within that subset they
+    are sorted by length so little of the eval's compute goes to padding.
+
+    When trials differ in micro_batch, pass `max_examples` (not `max_batches`) so every
+    trial is scored on the same examples, and average the loss over tokens, not batches.
     """
     if micro_batch < 1:
         raise ValueError("micro_batch must be >= 1")
-    n = len(val) if max_batches is None else min(len(val), max_batches * micro_batch)
+    n = len(val)
+    if max_batches is not None:
+        n = min(n, max_batches * micro_batch)
+    if max_examples is not None:
+        n = min(n, max_examples)
     order = sorted(range(n), key=lambda k: (len(val.input_ids[k]), k))
     return [
         collate([(val.input_ids[k], val.labels[k]) for k in order[s : s + micro_batch]], pad_id)

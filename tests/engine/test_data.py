@@ -502,6 +502,18 @@ def test_validation_is_fixed_whatever_the_mix(tmp_path: Path, tokenizer: Any) ->
     assert used == sorted(tuple(t.tolist()) for t in val_1.input_ids[:8])
     assert sum(len(b["input_ids"]) for b in validation_batches(val_1, 4, 0)) == 11
 
+    # max_examples fixes the subset whatever micro_batch a trial uses.
+    def examples_used(micro_batch: int) -> list[tuple[int, ...]]:
+        batches = validation_batches(val_1, micro_batch, 0, max_examples=6)
+        return sorted(
+            tuple(r[m.bool()].tolist())
+            for b in batches
+            for r, m in zip(b["input_ids"], b["attention_mask"])
+        )
+
+    assert examples_used(2) == examples_used(4) == examples_used(16)
+    assert len(examples_used(4)) == 6
+
 
 # --- user errors ---------------------------------------------------------------------------
 
