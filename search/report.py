@@ -178,6 +178,16 @@ def _figures(figures: Iterable[figs.Figure]) -> list[str]:
 
 # --- summary ------------------------------------------------------------------------------
 
+_TRIAL_CATEGORIES = ("setup", "train", "eval")
+_CATEGORY_LABELS = {
+    "setup": "· trial setup",
+    "train": "· trial training",
+    "eval": "· trial evals",
+    "trial": "trials",
+    "final": "final run",
+    "overhead": "overhead (between trials)",
+}
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -263,10 +273,23 @@ def _summary(data: ReportData) -> str:
     spent = spent_by_category(data)
     total = sum(spent.values())
     budget = data.budget_s
-    rows: list[list[Any]] = [["budget", _duration(budget), "100%" if budget else ""]]
+
+    def share(seconds: float) -> str:
+        return f"{seconds / budget:.1%}" if budget else ""
+
+    rows: list[list[Any]] = [["budget", _duration(budget), share(budget or 0.0)]]
+    info = data.ledger_info
+    if info is not None and info.final_reserve_s is not None:
+        rows.append(["of which reserved for the final run", _duration(info.final_reserve_s),
+                     share(info.final_reserve_s)])
+    trial_total = sum(spent.get(c, 0.0) for c in _TRIAL_CATEGORIES)
+    if trial_total and "trial" not in spent:
+        rows.append(["trials (setup + training + evals)", _duration(trial_total),
+                     share(trial_total)])
     for category, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
-        rows.append([category, _duration(seconds), f"{seconds / budget:.1%}" if budget else ""])
-    rows.append(["spent", _duration(total), f"{total / budget:.1%}" if budget else ""])
+        rows.append([_CATEGORY_LABELS.get(category, category), _duration(seconds),
+                     share(seconds)])
+    rows.append(["spent", _duration(total), share(total)])
     if budget:
         rows.append(["left", _duration(max(budget - total, 0.0)),
                      f"{max(budget - total, 0.0) / budget:.1%}"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +71,8 @@ class ReportData:
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     ledger_source: str = "trials"
     """`ledger` when spans come from the budget ledger, `trials` when estimated from trial times."""
+    ledger_info: LedgerSnapshot | None = None
+    """The ledger's budget row and final-run claim, when the storage has a ledger."""
 
     @property
     def direction(self) -> str:
@@ -82,10 +85,15 @@ class ReportData:
 
     @property
     def phase(self) -> str:
-        """`running` (a trial holds a GPU), `finished` (the final run reported), or `searched`."""
+        """Where the study is: searching, final run claimed, or finished."""
+        final_state = self.ledger_info.final_state if self.ledger_info is not None else None
+        if final_state == "done" or (self.final and final_state is None):
+            return "finished"
+        if final_state == "claimed":
+            return "final run in progress (or stopped: resume it)"
         if any(t.state == TrialState.RUNNING for t in self.trials):
             return "running"
-        return "finished" if self.final else "searched (no final run yet)"
+        return "searched (no final run yet)"
 
     def best_trial(self) -> FrozenTrial | None:
         """The best completed trial, or None before the first one completes."""
@@ -224,37 +232,25 @@ def _as_float(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
-def study_budget_s(attrs: dict[str, Any]) -> float | None:
-    """The study's total budget in GPU-seconds from its snapshot, wherever the driver put it."""
-    for key in ("budget_s", "budget.total_s", "total_budget_s"):
-        if _as_float(attrs.get(key)) is not None:
-            return _as_float(attrs[key])
-    for key in ("study", "study_config", "study_file", "config"):
-        snap = attrs.get(key)
-        if isinstance(snap, str):
-            try:
-                snap = json.loads(snap)
-            except ValueError:
-                try:
-                    import tomllib
+SNAPSHOT_KEY = "budgetune.study_toml"
+"""The study user attr holding the study file's TOML text (written by `search/storage.py`)."""
 
-                    snap = tomllib.loads(snap)
-                except ValueError:
-                    continue
-        if isinstance(snap, dict):
-            budget = snap.get("budget")
-            if isinstance(budget, dict):
-                for k in ("total_s", "gpu_seconds", "seconds"):
-                    if _as_float(budget.get(k)) is not None:
-                        return _as_float(budget[k])
-                hours = _as_float(budget.get("total_h") or budget.get("gpu_hours"))
-                if hours is not None:
-                    return hours * 3600
-            elif _as_float(budget) is not None:
-                return _as_float(budget)
-            if _as_float(snap.get("budget_s")) is not None:
-                return _as_float(snap["budget_s"])
-    return None
+
+def study_budget_s(attrs: dict[str, Any]) -> float | None:
+    """The study's total budget in GPU-seconds when the storage has no ledger budget row.
+
+    From a `budget_s` attr, else the snapshot's `[budget] total_s`.
+    """
+    if _as_float(attrs.get("budget_s")) is not None:
+        return _as_float(attrs["budget_s"])
+    text = attrs.get(SNAPSHOT_KEY)
+    if not isinstance(text, str):
+        return None
+    try:
+        budget = tomllib.loads(text).get("budget")
+    except tomllib.TOMLDecodeError:
+        return None
+    return _as_float(budget.get("total_s")) if isinstance(budget, dict) else None
 
 
 def final_results(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -297,35 +293,62 @@ def _trial_spans(trials: list[FrozenTrial], t0: datetime, now: datetime) -> pd.D
 LEDGER_COLUMNS = ["start_s", "end_s", "seconds", "category", "trial", "worker", "outcome"]
 
 
-def _naive_utc(ts: datetime) -> datetime:
-    """Optuna stores naive local datetimes; compare everything as naive."""
-    return ts.replace(tzinfo=None) if ts.tzinfo is not None else ts
+@dataclass
+class LedgerSnapshot:
+    """What the budget ledger's tables say about one study, read without locking them."""
+
+    entries: list[dict[str, Any]]
+    """Spend rows, oldest first: start, end (naive local datetimes like Optuna's), seconds,
+    category, trial, worker."""
+    total_s: float | None = None
+    final_reserve_s: float | None = None
+    margin_s: float | None = None
+    final_state: str | None = None
+    """`claimed` or `done` once the final run is claimed, else None."""
+    final_allotment_s: float | None = None
 
 
-def read_ledger(storage_url: str, study: optuna.Study) -> list[dict[str, Any]] | None:
-    """Ledger entries from the driver's tables, or None when the storage has no ledger.
+def read_ledger(storage_url: str, study_name: str) -> LedgerSnapshot | None:
+    """The driver's ledger tables for this study, or None when the storage has none.
 
-    Each entry: start (datetime), end (datetime), seconds, category, trial, worker.
+    Read with a plain engine, not the ledger's own: that one opens every transaction with
+    `BEGIN IMMEDIATE`, and a report must never take the write lock from running workers. A
+    spend row is written when its slice ends (`created_at`), so it started `seconds` earlier.
     """
+    import sqlalchemy as sa
+    from budgetune.search import ledger as ledger_tables
+
+    engine = sa.create_engine(storage_url)
     try:
-        from budgetune.search import ledger as ledger_mod
-    except ImportError:
-        return None
-    reader = getattr(ledger_mod, "read_entries", None)
-    if reader is None:
-        return None
-    try:
-        entries = reader(storage_url, study.study_name)
-    except Exception:  # an older study without ledger tables: estimate from trials
-        return None
-    rows = []
-    for e in entries:
-        get = e.get if isinstance(e, dict) else lambda k, e=e: getattr(e, k, None)
-        rows.append({
-            "start": get("start"), "end": get("end"), "seconds": get("seconds"),
-            "category": get("category"), "trial": get("trial"), "worker": get("worker"),
-        })
-    return rows
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table(ledger_tables.LEDGER.name):
+                return None
+            L, B, C = ledger_tables.LEDGER, ledger_tables.BUDGET, ledger_tables.CLAIMS
+            rows = conn.execute(
+                sa.select(L).where(L.c.study_name == study_name).order_by(L.c.id)).all()
+            budget = conn.execute(sa.select(B).where(B.c.study_name == study_name)).first()
+            claim = None
+            if sa.inspect(conn).has_table(C.name):
+                claim = conn.execute(sa.select(C).where(
+                    C.c.study_name == study_name, C.c.what == "final")).first()
+    finally:
+        engine.dispose()
+    entries = [{
+        "start": datetime.fromtimestamp(r.created_at - r.seconds),
+        "end": datetime.fromtimestamp(r.created_at),
+        "seconds": float(r.seconds),
+        "category": r.category,
+        "trial": r.trial_number,
+        "worker": r.worker_id,
+    } for r in rows]
+    return LedgerSnapshot(
+        entries=entries,
+        total_s=None if budget is None else float(budget.total_s),
+        final_reserve_s=None if budget is None else float(budget.final_reserve_s),
+        margin_s=None if budget is None else float(budget.margin_s),
+        final_state=None if claim is None else claim.state,
+        final_allotment_s=None if claim is None else float(claim.allotment_s),
+    )
 
 
 def ledger_frame(
@@ -335,26 +358,15 @@ def ledger_frame(
     if not entries:
         return _trial_spans(trials, t0, now), "trials"
     outcome = {t.number: outcome_of(t) for t in trials}
-    rows = []
-    for e in entries:
-        start = _naive_utc(e["start"]) if isinstance(e["start"], datetime) else None
-        seconds = _as_float(e["seconds"]) or 0.0
-        end = _naive_utc(e["end"]) if isinstance(e.get("end"), datetime) else None
-        if start is None and end is not None:
-            start = end - pd.Timedelta(seconds=seconds)
-        if start is None:
-            continue
-        end = end or start + pd.Timedelta(seconds=seconds)
-        trial = e.get("trial")
-        rows.append({
-            "start_s": (start - t0).total_seconds(),
-            "end_s": (end - t0).total_seconds(),
-            "seconds": seconds,
-            "category": str(e.get("category") or "overhead"),
-            "trial": trial,
-            "worker": str(e.get("worker") or "worker"),
-            "outcome": outcome.get(trial, str(e.get("category") or "")),
-        })
+    rows = [{
+        "start_s": (e["start"] - t0).total_seconds(),
+        "end_s": (e["end"] - t0).total_seconds(),
+        "seconds": e["seconds"],
+        "category": e["category"],
+        "trial": e["trial"],
+        "worker": e["worker"],
+        "outcome": outcome.get(e["trial"], "") if e["trial"] is not None else "",
+    } for e in entries]
     return pd.DataFrame(rows, columns=LEDGER_COLUMNS), "ledger"
 
 
@@ -365,22 +377,24 @@ def collect(source: str, study_name: str | None = None) -> ReportData:
     trials = study.get_trials(deepcopy=False)
     attrs = dict(study.user_attrs)
     now = datetime.now()
+    ledger = read_ledger(storage_url, study.study_name)
+    entries = ledger.entries if ledger is not None else []
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-    entries = read_ledger(storage_url, study)
-    entry_starts = [_naive_utc(e["start"]) for e in entries or []
-                    if isinstance(e["start"], datetime)]
-    t0 = min(starts + entry_starts) if starts or entry_starts else None
-    ledger, ledger_source = ledger_frame(entries, trials, t0 or now, now)
+    starts += [e["start"] for e in entries]
+    t0 = min(starts) if starts else None
+    spans, spans_source = ledger_frame(entries, trials, t0 or now, now)
+    budget_s = ledger.total_s if ledger is not None and ledger.total_s else None
     return ReportData(
         study=study,
         source=source,
         storage_url=storage_url,
         trials=trials,
         table=trial_table(trials),
-        ledger=ledger,
-        budget_s=study_budget_s(attrs),
+        ledger=spans,
+        budget_s=budget_s if budget_s is not None else study_budget_s(attrs),
         final=final_results(attrs),
         study_attrs=attrs,
         started_at=t0,
-        ledger_source=ledger_source,
+        ledger_source=spans_source,
+        ledger_info=ledger,
     )
