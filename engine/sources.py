@@ -241,7 +241,9 @@ def _oasst1(rows: Iterator[Row]) -> Iterator[Example]:
         if parent is None:
             continue
         rank = row.get("rank")
-        key = (float("inf") if rank is None else float(rank), index, text)
+        # Unranked replies read as None from JSON and as NaN from some Parquet exports.
+        unranked = rank is None or rank != rank
+        key = (float("inf") if unranked else float(rank), index, text)
         if parent not in best or key[:2] < best[parent][:2]:
             best[parent] = key
     for message_id, text in prompts:

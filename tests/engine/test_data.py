@@ -211,6 +211,17 @@ def test_oasst1_pairs_english_prompts_with_best_usable_reply(tmp_path: Path) -> 
     ]
 
 
+def test_oasst1_parquet_with_nan_rank_prefers_ranked_reply(tmp_path: Path) -> None:
+    rows = [
+        oasst_row("p1", None, "prompter", "Q"),
+        oasst_row("a1", "p1", "assistant", "unranked first", rank=float("nan")),
+        oasst_row("a2", "p1", "assistant", "ranked", rank=1.0),
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "oasst.parquet")
+    spec = SourceSpec("o", str(tmp_path / "oasst.parquet"), "oasst1")
+    assert load_examples(spec) == [Example("Q", "", "ranked")]
+
+
 def test_parquet_file_and_folder_of_mixed_files(tmp_path: Path) -> None:
     folder = tmp_path / "alpaca"
     folder.mkdir()
