@@ -1,0 +1,587 @@
+"""The budgeted search loop: trials within the search share, then one final run.
+
+`Driver(study, ostudy, backend).run()` does, in one worker process:
+
+1. Recover: open reservations of dead workers are released (their charges stay); every
+   RUNNING trial left behind is stale (one worker per study for now: any RUNNING trial at
+   start belongs to a dead process). Optuna cannot reopen a finished-or-dead trial, so the
+   stale trial is marked FAIL with `outcome=continued` and its ledger costs as attributes,
+   and a new trial is enqueued with the SAME parameters and user attrs `continues=<old>`,
+   `trial_dir=<old dir>` (the engine resumes from the old checkpoint) and `horizon_s`
+   (the same run config, so the same LR schedule); the old one gets `continued_by=<new>`.
+   The new trial re-reports the old intermediate values for the pruner. Costs are counted
+   once: each trial's cost attributes are its own ledger rows, never its predecessor's.
+2. Search: reserve (see `ledger.py`) -> ask -> sample -> skip a configuration known not to
+   fit (at or beyond an OOM'd micro-batch, rank and length: PRUNED, `reason=oom-frontier`,
+   zero cost) -> run through the backend, reporting validation loss at optimizer steps to
+   the pruner -> score -> tell. Out-of-memory trials are told PRUNED (not FAIL: Optuna's
+   samplers ignore failed trials) with `Trial.set_constraint("oom", 1)`, which TPE uses to
+   steer away; diverged trials are PRUNED with their reason; any other error is FAIL with
+   its message; none stops the study (a `UserInputError` does: the study itself is wrong).
+3. Final: once no trial can start, the best complete trial's parameters (the default
+   configuration if none completed) are claimed exactly once and trained in
+   `run_dir/final` on everything that remains (`max_seconds` = allotment - tail, so the
+   engine fits its schedule to it), scored, merged and exported to `run_dir/final/export`;
+   results and paths go into study user attrs `final.*`.
+
+Ctrl-C (`request_stop`) makes the running trial or final run checkpoint and return; the
+ledger is written, the trial stays RUNNING (the next resume continues it) and
+`KeyboardInterrupt` propagates (the CLI exits 130).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
+from budgetune.engine.events import EvalEvent, RunResult
+from budgetune.search.backends import TrialBackend, final_val_loss
+from budgetune.search.ledger import Ledger, Meter, Reservation
+from budgetune.search.progress import NullProgress, Progress
+from budgetune.search.space import AlphaRatio
+from budgetune.search.study import Study
+from optuna.trial import TrialState
+
+OUTCOMES = ("complete", "pruned", "oom", "diverged", "failed", "skipped", "continued")
+MAX_SKIPS = 100
+"""Consecutive frontier skips after which the search gives up (the space is all too big)."""
+
+
+def new_worker_id() -> str:
+    """host:pid:uuid, recorded on every trial and ledger row."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class _Heartbeat:
+    """Records Optuna heartbeats for a running trial, so a later multi-worker resume can tell
+    a dead worker's trial (stale heartbeat) from a live one."""
+
+    def __init__(self, storage: Any, trial_id: int, interval_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(storage, trial_id, interval_s), daemon=True
+        )
+
+    def _beat(self, storage: Any, trial_id: int, interval_s: float) -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # the next beat retries; a dead storage shows up elsewhere
+                pass
+            if self._stop.wait(interval_s):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class _TrialReporter:
+    """The Reporter a backend gets for one trial: ledger charges, pruning, stop checks."""
+
+    def __init__(self, driver: Driver, trial: optuna.Trial, reservation: Reservation) -> None:
+        self.d = driver
+        self.trial = trial
+        self.reservation = reservation
+        self.current: str | None = None
+        self.costs = {"setup": 0.0, "train": 0.0, "eval": 0.0}
+        self.pruned = self.interrupted = self.out_of_time = False
+        self.last: EvalEvent | None = None
+
+    @property
+    def charged(self) -> float:
+        return sum(self.costs.values())
+
+    def phase(self, name: str | None) -> None:
+        if self.current is not None:
+            s = self.d.meter.charge(self.current, self.trial.number, self.reservation)
+            self.costs[self.current] += s
+        self.current = name
+
+    def report(self, event: EvalEvent) -> bool:
+        self.phase(self.current or "train")
+        self.last = event
+        val = event.metrics.get("val_loss")
+        if val is not None and math.isfinite(val):
+            self.trial.report(float(val), event.step)
+        self.d.progress.update(
+            self.d.ledger_spent() + self.d.meter.pending(),
+            f"trial {self.trial.number}: step {event.step}, val_loss {val:.4f}",
+        )
+        if self.trial.should_prune():
+            self.pruned = True
+            return True
+        return False
+
+    def should_stop(self) -> bool:
+        if self.d.stop_requested:
+            self.interrupted = True
+            return True
+        if self.charged + self.d.meter.pending() >= self.reservation.seconds:
+            self.out_of_time = True
+            return True
+        return False
+
+
+class _FinalReporter:
+    """The final run's Reporter: everything is `final`; stops at the budget's hard limit."""
+
+    def __init__(self, driver: Driver, limit_s: float, spent_s: float) -> None:
+        self.d = driver
+        self.limit_s = limit_s
+        self.spent_s = spent_s
+        self.curve: list[EvalEvent] = []
+        self.interrupted = self.out_of_time = False
+
+    def phase(self, name: str | None) -> None:
+        self.spent_s += self.d.meter.charge("final")
+
+    def report(self, event: EvalEvent) -> bool:
+        self.phase("final")
+        self.curve.append(event)
+        val = event.metrics.get("val_loss", float("nan"))
+        self.d.progress.update(self.spent_s, f"final run: step {event.step}, val_loss {val:.4f}")
+        return False
+
+    def should_stop(self) -> bool:
+        if self.d.stop_requested:
+            self.interrupted = True
+            return True
+        if self.spent_s + self.d.meter.pending() >= self.limit_s:
+            self.out_of_time = True
+            return True
+        return False
+
+
+@dataclass
+class _Frontier:
+    """Configurations known not to fit: (micro_batch, rank, max_seq_length) that OOM'd."""
+
+    points: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def blocks(self, mb: int, rank: int, length: int) -> tuple[int, int, int] | None:
+        for p in self.points:
+            if mb >= p[0] and rank >= p[1] and length >= p[2]:
+                return p
+        return None
+
+
+class Driver:
+    """Runs one study to its end (or to Ctrl-C) in this process; see the module docstring."""
+
+    def __init__(
+        self,
+        study: Study,
+        ostudy: optuna.Study,
+        backend: TrialBackend,
+        *,
+        worker_id: str | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.study = study
+        self.ostudy = ostudy
+        self.backend = backend
+        self.worker_id = worker_id or new_worker_id()
+        self.progress: Progress = progress or NullProgress()
+        self.ledger = Ledger(study.storage, study.name, self.worker_id)
+        b = study.budget
+        self.ledger.create(b.total_s, b.final_reserve_s, b.margin)
+        self.meter = Meter(self.ledger, backend.clock)
+        self.stop_requested = False
+        self.storage = ostudy._storage
+        self._spent_cache = 0.0
+
+    # --- bookkeeping ------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the trial or final run in flight to checkpoint and return (Ctrl-C)."""
+        self.stop_requested = True
+
+    def ledger_spent(self) -> float:
+        return self._spent_cache
+
+    def _refresh_spent(self) -> float:
+        self._spent_cache = self.ledger.totals().spent_s
+        return self._spent_cache
+
+    def _set_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        for k, v in attrs.items():
+            self.storage.set_trial_user_attr(trial_id, k, v)
+
+    def _check_interrupt(self) -> None:
+        if self.stop_requested:
+            self.meter.charge("overhead")
+            raise KeyboardInterrupt
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Search until the search share is spent, then the final run; idempotent on resume."""
+        b = self.study.budget
+        self.progress.begin(self.study.name, b.total_s)
+        try:
+            self._refresh_spent()
+            claim = self.ledger.final_claim()
+            if claim is not None and claim.state == "done":
+                return
+            self._recover()
+            self.backend.setup()
+            self.meter.charge("overhead")
+            if claim is None:
+                skips = 0
+                while True:
+                    more, skipped = self._search_one()
+                    skips = skips + 1 if skipped else 0
+                    if not more or skips >= MAX_SKIPS:
+                        break
+                self._abandon_waiting()
+            self._final()
+        finally:
+            self.meter.charge("overhead")
+            self.progress.end()
+
+    def _logical_trials(self) -> list[optuna.trial.FrozenTrial]:
+        """Trials that count as one search step each (not skips, not superseded ones)."""
+        return [
+            t
+            for t in self.ostudy.get_trials(deepcopy=False)
+            if t.state.is_finished() and t.user_attrs.get("outcome") not in ("skipped", "continued")
+        ]
+
+    def _enough(self) -> bool:
+        done = self._logical_trials()
+        if self.study.max_trials is not None and len(done) >= self.study.max_trials:
+            return True
+        if self.study.patience is not None:
+            best, since = math.inf, 0
+            for t in sorted(done, key=lambda t: t.number):
+                if t.state == TrialState.COMPLETE and t.value is not None and t.value < best:
+                    best, since = t.value, 0
+                else:
+                    since += 1
+            return since >= self.study.patience and best < math.inf
+        return False
+
+    def _search_one(self) -> tuple[bool, bool]:
+        """One trial. Returns (go on searching, this trial was a frontier skip)."""
+        self._check_interrupt()
+        waiting = self.ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting and self._enough():
+            return False, False
+        b = self.study.budget
+        want = b.trial_s
+        if waiting:
+            w = waiting[0].user_attrs
+            want = max(b.min_trial, w.get("prior_reserved_s", want) - w.get("prior_cost_s", 0.0))
+        res = self.ledger.reserve_trial(want, b.min_trial)
+        if res is None:
+            return False, False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
+            trial = self.ostudy.ask()
+        self.ledger.attach(res, trial.number)
+        try:
+            skipped = self._run_trial(trial, res)
+        finally:
+            self.ledger.release(res)
+            self._refresh_spent()
+        return True, skipped
+
+    def _run_trial(self, trial: optuna.Trial, res: Reservation) -> bool:
+        study, b = self.study, self.study.budget
+        attrs = trial.user_attrs
+        prior = attrs.get("continues")
+        params = study.space.suggest(trial)
+        tid = trial._trial_id
+        trial_dir = Path(attrs.get("trial_dir") or study.run_dir / "trials" / str(trial.number))
+        horizon = float(
+            attrs.get("horizon_s") or max(1.0, res.seconds - b.trial_setup_s - b.trial_eval_s)
+        )
+        config = study.run_config(trial_dir, params, max_seconds=horizon)
+        start = {"worker_id": self.worker_id, "trial_dir": str(trial_dir),
+                 "reserved_s": res.seconds, "horizon_s": horizon}  # fmt: skip
+        if isinstance(study.space.params.get("lora_alpha"), AlphaRatio):
+            start["lora_alpha"] = params["lora_alpha"]
+        for src, w in (params.get("weights") or {}).items():
+            start[f"weight.{src}"] = w
+        if prior is not None:
+            self._relink(prior, trial)
+        self._set_attrs(tid, start)
+        blocked = self._frontier().blocks(config.micro_batch, config.lora.r, config.max_seq_length)
+        if blocked is not None:
+            mb, rank, length = blocked
+            reason = (
+                f"oom-frontier: micro_batch>={mb}, rank>={rank}, length>={length} ran out of memory"
+            )
+            self._finish(trial, "skipped", TrialState.PRUNED, reason=reason, infeasible=True)
+            self.progress.log(f"trial {trial.number}: skipped ({reason})")
+            return True
+        self.progress.trial(trial.number, params)
+        self.meter.charge("overhead")
+        reporter = _TrialReporter(self, trial, res)
+        reporter.phase("setup")
+        extra: dict[str, Any] = {}
+        try:
+            with _Heartbeat(self.storage, tid, self.storage.get_heartbeat_interval() or 60):
+                result = self.backend.run(config, reporter, resume=prior is not None)
+            if reporter.interrupted:
+                reporter.phase(None)
+                self._set_attrs(tid, self._cost_attrs(reporter.costs))
+                raise KeyboardInterrupt
+            extra = self._result_attrs(result)
+            if reporter.pruned:
+                reporter.phase(None)
+                self._finish(trial, "pruned", TrialState.PRUNED, reporter, extra,
+                             reason=f"pruned at step {result.step}")  # fmt: skip
+                return False
+            val = final_val_loss(result)
+            if val is None or not math.isfinite(val):
+                reporter.phase(None)
+                self._finish(trial, "failed", TrialState.FAIL, reporter, extra,
+                             reason="no validation loss within the allowance")  # fmt: skip
+                return False
+            if reporter.out_of_time:
+                # The reservation ran out before the horizon: score what was reached, no eval.
+                reporter.phase(None)
+                extra["reason"] = "stopped at its allowance"
+                self._finish(trial, "complete", TrialState.COMPLETE, reporter, extra, value=val)
+                return False
+            reporter.phase("eval")
+            score = self.backend.score(result)
+            reporter.phase(None)
+            extra.update({"val_loss": val, "eval_tasks": score.tasks})
+            self._finish(trial, "complete", TrialState.COMPLETE, reporter, extra, value=score.value)
+        except OutOfMemory as e:
+            reporter.phase(None)
+            extra = {"micro_batch": e.micro_batch, "max_seq_length": e.max_seq_length,
+                     "rank": config.lora.r, "peak_memory_bytes": e.peak_memory_bytes}  # fmt: skip
+            self._finish(
+                trial, "oom", TrialState.PRUNED, reporter, extra, reason=str(e), infeasible=True
+            )
+        except Diverged as e:
+            reporter.phase(None)
+            self._finish(
+                trial,
+                "diverged",
+                TrialState.PRUNED,
+                reporter,
+                {"diverged_step": e.step},
+                reason=str(e),
+            )
+        except UserInputError as e:
+            reporter.phase(None)
+            self._finish(trial, "failed", TrialState.FAIL, reporter, reason=str(e))
+            raise
+        except Exception as e:
+            reporter.phase(None)
+            self._finish(
+                trial, "failed", TrialState.FAIL, reporter, reason=f"{type(e).__name__}: {e}"
+            )
+        return False
+
+    def _relink(self, prior: int, trial: optuna.Trial) -> None:
+        """A continuation: link both ways and re-report the old intermediate values."""
+        old = self.ostudy.get_trials(deepcopy=False)[prior]
+        self.storage.set_trial_user_attr(old._trial_id, "continued_by", trial.number)
+        for step, value in sorted(old.intermediate_values.items()):
+            trial.report(value, step)
+        self.progress.log(f"trial {trial.number}: continues trial {prior} from its checkpoint")
+
+    def _frontier(self) -> _Frontier:
+        f = _Frontier()
+        for t in self.ostudy.get_trials(deepcopy=False):
+            a = t.user_attrs
+            if a.get("outcome") == "oom":
+                f.points.append((int(a["micro_batch"]), int(a["rank"]), int(a["max_seq_length"])))
+        return f
+
+    @staticmethod
+    def _cost_attrs(costs: dict[str, float]) -> dict[str, float]:
+        return {
+            "cost_s": sum(costs.values()),
+            "cost_train_s": costs.get("train", 0.0),
+            "cost_eval_s": costs.get("eval", 0.0),
+            "cost_setup_s": costs.get("setup", 0.0),
+        }
+
+    @staticmethod
+    def _result_attrs(result: RunResult) -> dict[str, Any]:
+        keep = ("tokens_per_s", "nonpad_tokens_per_s", "peak_memory_bytes", "padding_fraction",
+                "step_time_s", "overhead_s", "n_truncated")  # fmt: skip
+        out: dict[str, Any] = {k: float(result.metrics[k]) for k in keep if k in result.metrics}
+        out.update(
+            {"steps": result.step, "tokens_seen": result.tokens_seen, "run_status": result.status}
+        )
+        return out
+
+    def _finish(
+        self,
+        trial: optuna.Trial,
+        outcome: str,
+        state: TrialState,
+        reporter: _TrialReporter | None = None,
+        extra: dict[str, Any] | None = None,
+        *,
+        value: float | None = None,
+        reason: str | None = None,
+        infeasible: bool = False,
+    ) -> None:
+        attrs = dict(extra or {})
+        attrs.update(self._cost_attrs(reporter.costs if reporter else {}))
+        attrs["outcome"] = outcome
+        if reason is not None:
+            attrs["reason"] = reason
+        attrs.setdefault("reason", "")
+        self._set_attrs(trial._trial_id, attrs)
+        if infeasible:
+            trial.set_constraint("oom", 1.0)
+        self.ostudy.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        best = self._best_value()
+        self.progress.trial_done(trial.number, outcome, value, best)
+
+    def _best_value(self) -> float | None:
+        try:
+            return self.ostudy.best_value
+        except ValueError:
+            return None
+
+    # --- recovery -----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Release dead workers' reservations; turn stale RUNNING trials into continuations."""
+        self.ledger.release_stale(lambda worker: True)
+        costs = self.ledger.trial_costs()
+        trials = self.ostudy.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state != TrialState.RUNNING or t.user_attrs.get("worker_id") == self.worker_id:
+                continue
+            attrs = self._cost_attrs(costs.get(t.number, {}))
+            attrs.update(
+                {"outcome": "continued", "reason": "its worker stopped; continued by a new trial"}
+            )
+            self._set_attrs(t._trial_id, attrs)
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.progress.log(f"trial {t.number}: left running by a stopped worker, will continue")
+        trials = self.ostudy.get_trials(deepcopy=False)
+        taken = {t.user_attrs.get("continues") for t in trials}
+        for t in trials:
+            a = t.user_attrs
+            if a.get("outcome") != "continued" or t.number in taken:
+                continue
+            if self.ledger.final_claim() is not None:
+                continue
+            self.ostudy.enqueue_trial(
+                t.params,
+                user_attrs={
+                    "continues": t.number,
+                    "trial_dir": a.get("trial_dir"),
+                    "horizon_s": a.get("horizon_s"),
+                    "prior_reserved_s": a.get("reserved_s", 0.0),
+                    "prior_cost_s": a.get("cost_s", 0.0),
+                },
+            )
+
+    def _abandon_waiting(self) -> None:
+        """Continuations the search budget could not hold are closed, not left WAITING."""
+        for t in self.ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial = self.ostudy.ask()
+            self.study.space.suggest(trial)
+            self._finish(
+                trial, "failed", TrialState.FAIL, reason="no search budget left to continue it"
+            )
+            del t
+
+    # --- the final run ------------------------------------------------------------------
+
+    def _final_params(self) -> dict[str, Any]:
+        try:
+            best = self.ostudy.best_trial
+        except ValueError:
+            self.progress.log("no trial completed: the final run uses the default configuration")
+            return {"trial": None, "params": {}}
+        params = dict(best.params)
+        weights = {
+            k[len("weight.") :]: v for k, v in best.user_attrs.items() if k.startswith("weight.")
+        }
+        if weights:
+            params["weights"] = weights
+        if "lora_alpha" in best.user_attrs:
+            params["lora_alpha"] = best.user_attrs["lora_alpha"]
+        return {"trial": best.number, "params": params, "value": best.value}
+
+    def _final(self) -> None:
+        self._check_interrupt()
+        b = self.study.budget
+        self.meter.charge("overhead")
+        claim = self.ledger.claim_final(self._final_params(), is_stale=lambda worker: True)
+        if claim is None:
+            raise RuntimeError("the final run could not be claimed while trials are in flight")
+        if claim.state == "done":
+            return
+        params = dict(claim.config.get("params") or {})
+        final_dir = self.study.run_dir / "final"
+        max_seconds = max(1.0, claim.allotment_s - b.final_tail)
+        config = self.study.run_config(final_dir, params, max_seconds=max_seconds)
+        spent = self._refresh_spent()
+        reporter = _FinalReporter(self, b.total_s - b.final_tail, spent)
+        self.progress.log(
+            f"final run: trial {claim.config.get('trial')}'s configuration, {max_seconds:.0f} s"
+        )
+        attrs: dict[str, Any] = {
+            "final.trial": claim.config.get("trial"),
+            "final.params": params,
+            "final.allotment_s": claim.allotment_s,
+            "final.run_dir": str(final_dir),
+        }
+        try:
+            result = self.backend.run(config, reporter, resume=True)
+        except (OutOfMemory, Diverged) as e:
+            reporter.phase(None)
+            attrs.update({"final.status": e.reason, "final.reason": str(e)})
+            self._close_final(attrs)
+            return
+        if reporter.interrupted:
+            reporter.phase(None)
+            raise KeyboardInterrupt
+        score = self.backend.score(result)
+        reporter.phase(None)
+        export_dir = self.backend.export(final_dir / "export")
+        reporter.phase(None)
+        attrs.update({
+            "final.status": "completed" if result.status == "completed" else "stopped at budget",
+            "final.val_loss": final_val_loss(result),
+            "final.objective": score.value,
+            "final.tasks": score.tasks,
+            "final.steps": result.step,
+            "final.tokens_seen": result.tokens_seen,
+            "final.train_s": result.elapsed_s,
+            "final.export_dir": str(export_dir),
+            "final.curve": [[e.step, e.metrics.get("val_loss")] for e in result.curve],
+            **{f"final.{k}": float(v) for k, v in result.metrics.items()
+               if k in ("tokens_per_s", "peak_memory_bytes", "padding_fraction")},
+        })  # fmt: skip
+        self._close_final(attrs)
+
+    def _close_final(self, attrs: dict[str, Any]) -> None:
+        attrs["final.cost_s"] = (
+            self.ledger.totals().by_category.get("final", 0.0) + self.meter.pending()
+        )
+        for k, v in attrs.items():
+            self.ostudy.set_user_attr(k, v)
+        self.ledger.finish_final()
+        self.progress.log(f"final run: {attrs.get('final.status')}")

@@ -1,0 +1,82 @@
+"""`budgetune launch` and `budgetune resume`: build the pieces, run the driver, print a summary.
+
+Ctrl-C once: the trial (or final run) in flight checkpoints, the ledger is written, the
+command exits 130 ("interrupted") and `budgetune resume` continues where it stopped. Ctrl-C
+twice: stop at once (the next resume still continues from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+from budgetune.search.backends import EngineBackend, FakeBackend, TrialBackend
+from budgetune.search.driver import Driver
+from budgetune.search.ledger import Ledger
+from budgetune.search.progress import Progress, make_progress
+from budgetune.search.status import collect, format_status
+from budgetune.search.storage import create_or_load, load_from_storage, open_storage
+from budgetune.search.study import Study, load_study
+
+
+def make_backend(study: Study) -> TrialBackend:
+    """The study's backend: the engine (one base model per process) or the fake one."""
+    if study.backend == "fake":
+        return FakeBackend(study.fake, eval_s=study.budget.trial_eval_s)
+    objective: Any = None
+    if study.eval is not None:
+        from budgetune.search.evaluation import Evaluator
+
+        objective = Evaluator(study.eval, study.run_dir / "eval")
+    return EngineBackend(study.model.name, study.model.precision, study.model.quantize, objective)
+
+
+def run_study(
+    study: Study,
+    ostudy: optuna.Study,
+    backend: TrialBackend | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Run the driver with Ctrl-C handling; returns the end-of-run summary text."""
+    driver = Driver(
+        study, ostudy, backend or make_backend(study), progress=progress or make_progress()
+    )
+
+    def _on_sigint(signum: int, frame: Any) -> None:
+        print(
+            "\nbudgetune: stopping: the running trial checkpoints (Ctrl-C again to abort)",
+            file=sys.stderr,
+        )
+        driver.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        driver.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    report = collect(study, ostudy, driver.ledger)
+    driver.ledger.close()
+    return format_status(report, summary=True)
+
+
+def launch(path: Path, run_dir: Path | None = None, storage: str | None = None) -> None:
+    """`budgetune launch study.toml`: start a study (or continue it, if this file started it)."""
+    study = load_study(path, run_dir=run_dir, storage=storage)
+    study.run_dir.mkdir(parents=True, exist_ok=True)
+    ostudy = create_or_load(study, open_storage(study.storage))
+    print(run_study(study, ostudy))
+
+
+def resume(target: str, name: str | None = None) -> None:
+    """`budgetune resume <run dir | storage URL>`: continue a study from its storage alone."""
+    study, ostudy = load_from_storage(target, name)
+    print(run_study(study, ostudy))
+
+
+def ledger_for(study: Study) -> Ledger:
+    """A read-mostly view of a study's ledger (reports, status, tests)."""
+    return Ledger(study.storage, study.name, "reader")

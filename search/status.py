@@ -1,0 +1,148 @@
+"""Where a study stands: budget spent and left, trials by outcome, best so far, the final run.
+
+`collect()` reads everything from the study's storage (Optuna trials, the ledger, `final.*`
+study attributes), so it works on a running study, a stopped one and a finished one;
+`format_status()` turns it into the text `budgetune status` prints and `launch` ends with.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from budgetune.search.ledger import Ledger, Totals
+from budgetune.search.progress import describe
+from budgetune.search.study import Study
+
+RUNNING_WINDOW_S = 120.0
+"""A study whose last ledger row is younger than this (or has a RUNNING trial) is running."""
+
+
+@dataclass
+class StatusReport:
+    study_name: str
+    totals: Totals
+    outcomes: dict[str, int] = field(default_factory=dict)
+    states: dict[str, int] = field(default_factory=dict)
+    n_trials: int = 0
+    """Search trials that count (not frontier skips, not superseded by a continuation)."""
+    best_number: int | None = None
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    running: bool = False
+    last_activity: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.totals.final is not None and self.totals.final.state == "done"
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Unix time the study should finish, if a worker is running it now."""
+        if self.finished or not self.running:
+            return None
+        return (now or time.time()) + max(0.0, self.totals.remaining_s)
+
+
+def collect(study: Study, ostudy: optuna.Study, ledger: Ledger) -> StatusReport:
+    totals = ledger.totals()
+    trials = ostudy.get_trials(deepcopy=False)
+    outcomes: Counter[str] = Counter()
+    states: Counter[str] = Counter()
+    for t in trials:
+        states[t.state.name.lower()] += 1
+        if t.state.is_finished():
+            outcomes[t.user_attrs.get("outcome", t.state.name.lower())] += 1
+    r = StatusReport(study.name, totals, dict(outcomes), dict(states))
+    r.n_trials = sum(n for o, n in outcomes.items() if o not in ("skipped", "continued"))
+    try:
+        best = ostudy.best_trial
+        r.best_number, r.best_value = best.number, best.value
+        r.best_params = dict(best.params)
+        weights = {k[7:]: v for k, v in best.user_attrs.items() if k.startswith("weight.")}
+        if weights:
+            r.best_params = {k: v for k, v in r.best_params.items() if not k.startswith("mix.")}
+            r.best_params["weights"] = weights
+        if "lora_alpha" in best.user_attrs:
+            r.best_params["lora_alpha"] = best.user_attrs["lora_alpha"]
+    except ValueError:
+        pass
+    r.final = {k[6:]: v for k, v in ostudy.user_attrs.items() if k.startswith("final.")}
+    entries = ledger.entries()
+    r.last_activity = entries[-1].created_at if entries else None
+    recent = r.last_activity is not None and time.time() - r.last_activity < RUNNING_WINDOW_S
+    r.running = not r.finished and (recent or states.get("running", 0) > 0)
+    return r
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_status(r: StatusReport, *, summary: bool = False) -> str:
+    t = r.totals
+    lines = [f"study {r.study_name}" + (" (finished)" if r.finished else "")]
+    pct = 100 * t.spent_s / t.total_s if t.total_s else 0.0
+    lines.append(
+        f"  budget   {t.spent_s:.1f} s spent of {t.total_s:.0f} s ({pct:.0f}%), "
+        f"{max(0.0, t.remaining_s):.1f} s left"
+    )
+    cats = ", ".join(f"{c} {s:.1f} s" for c, s in sorted(t.by_category.items()))
+    if cats:
+        lines.append(f"  spent on {cats}")
+    if not r.finished and t.final is None:
+        lines.append(
+            f"  search   {t.search_left_s:.1f} s left for trials; "
+            f"final reserve {t.final_reserve_s:.0f} s"
+        )
+    outs = ", ".join(f"{n} {o}" for o, n in sorted(r.outcomes.items()))
+    lines.append(f"  trials   {r.n_trials}" + (f" ({outs})" if outs else ""))
+    if r.states.get("running"):
+        lines.append(f"  running  {r.states['running']} trial(s)")
+    if r.best_number is not None:
+        lines.append(
+            f"  best     trial {r.best_number}: {r.best_value:.4f}  {describe(r.best_params)}"
+        )
+    else:
+        lines.append("  best     none yet")
+    f = r.final
+    if f:
+        status = f.get("status", "running" if t.final and t.final.state == "claimed" else "?")
+        lines.append(
+            f"  final    {status}"
+            + (f", val_loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else "")
+        )
+        if f.get("export_dir"):
+            lines.append(f"  export   {f['export_dir']}")
+        if f.get("reason"):
+            lines.append(f"  reason   {f['reason']}")
+    elif t.final is not None:
+        lines.append("  final    claimed, not finished (resume continues it)")
+    if not summary:
+        if r.finished:
+            pass
+        elif r.running:
+            eta = r.eta()
+            lines.append(
+                f"  eta      {_when(eta)} (if it keeps running)" if eta else "  eta      unknown"
+            )
+        else:
+            last = f", last activity {_when(r.last_activity)}" if r.last_activity else ""
+            lines.append(f"  stopped  resume with `budgetune resume` to finish{last}")
+    return "\n".join(lines)
+
+
+def show_status(target: str, name: str | None = None) -> str:
+    """`budgetune status <run dir | URL> [--study NAME]`."""
+    from budgetune.search.storage import load_from_storage
+
+    study, ostudy = load_from_storage(target, name)
+    ledger = Ledger(study.storage, study.name, "status")
+    try:
+        return format_status(collect(study, ostudy, ledger))
+    finally:
+        ledger.close()
