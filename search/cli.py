@@ -82,6 +82,59 @@ def merge(
     run(adapter, out_dir, base)
 
 
+# --- search: a budgeted study ---------------------------------------------------------
+
+
+@app.command()
+def launch(
+    study: Annotated[Path, typer.Argument(help="Study file (TOML).")],
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Run directory (default: the file's).")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="SQLAlchemy URL (default: SQLite in run dir).")
+    ] = None,
+) -> None:
+    """Spend the study's budget: search trials, then train, eval and export the best one."""
+    from budgetune.search.launch import launch as run
+
+    run(study, run_dir, storage)
+
+
+@app.command()
+def resume(
+    target: Annotated[str, typer.Argument(help="Run directory or storage URL.")],
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name (default: the only one).")
+    ] = None,
+) -> None:
+    """Continue a stopped or crashed study from its storage alone."""
+    from budgetune.search.launch import resume as run
+
+    run(target, study)
+
+
+@app.command()
+def status(
+    target: Annotated[str, typer.Argument(help="Run directory or storage URL.")],
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name (default: the only one).")
+    ] = None,
+) -> None:
+    """Budget spent and left, trials by state, best so far, estimated finish."""
+    from budgetune.search.status import show_status
+
+    print(show_status(target, study))
+
+
+@app.command()
+def plan(study: Annotated[Path, typer.Argument(help="Study file (TOML).")]) -> None:
+    """The budget plan of a study file, without running anything."""
+    from budgetune.search.plan import show_plan
+
+    print(show_plan(str(study)))
+
+
 @app.command()
 def report(
     source: Annotated[str, typer.Argument(help="Run directory, study.db, or storage URL.")],
