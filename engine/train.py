@@ -1,0 +1,662 @@
+"""The LoRA finetune loop: one base model per `Worker`, a fresh adapter per run.
+
+A run reads top to bottom: `setup()` (data, adapter, optimizer, resume) -> `main()` ->
+`fit()` (the step loop, with the horizon, evals, checkpoints and stop requests explicit in
+it) -> `validate()`. Lightning Fabric owns precision and device placement; peft owns LoRA.
+
+Horizons: optimizer steps, training tokens, or seconds. Whatever the horizon, the number of
+optimizer steps is fixed before the cosine schedule needs it, so every run ends its schedule
+exactly at its horizon: for tokens, from the mixture's mean example length; for seconds, by
+measuring the first optimizer steps and budgeting the evals that will follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from budgetune.engine import checkpoint as ckpt
+from budgetune.engine.config import RunConfig
+from budgetune.engine.data import MixtureSampler, pad_id_for, prepare_data, validation_batches
+from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
+from budgetune.engine.events import Callback, EvalEvent, RunResult, StopCheck
+from budgetune.engine.memory import MemoryGuard, is_out_of_memory, release_memory
+from budgetune.engine.model import (
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    remove_lora,
+    resolve_model_path,
+)
+from lightning.fabric import Fabric
+
+MEASURE_STEPS = 3
+"""Optimizer steps timed before a seconds horizon fixes its step count (the first is warmup
+of kernels and allocator, so it is excluded from the estimate when there are more)."""
+EMA_DECAY = 0.9
+"""Smoothing of the train loss for the divergence test: one bad micro-batch is not divergence."""
+RESUME_KEYS = ("sources", "val", "weights", "precision", "quantize", "lora", "learning_rate",
+               "weight_decay", "warmup_steps", "global_batch", "micro_batch", "max_seq_length",
+               "mask_prompt", "grad_clip", "seed")  # fmt: skip
+"""Config fields a checkpoint must agree on to be resumed: they decide what the next step does."""
+
+
+def get_lr(
+    step: int, *, learning_rate: float, warmup_steps: int, total_steps: int | None,
+    min_lr: float = 0.0,
+) -> float:  # fmt: skip
+    """Learning rate for the update after `step` optimizer steps: linear warmup, then cosine.
+
+    Warmup is capped at half the horizon so short trials still decay. The cosine reaches
+    `min_lr` at `step == total_steps`, the horizon, so the last update uses a small, non-zero
+    rate. `total_steps=None` (a seconds horizon still measuring throughput) gives warmup only.
+    """
+    warmup = warmup_steps if total_steps is None else min(warmup_steps, total_steps // 2)
+    if step < warmup:
+        return learning_rate * (step + 1) / (warmup + 1)
+    if total_steps is None:
+        return learning_rate
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr + 0.5 * (learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Progress:
+    """Everything a checkpoint carries besides weights: where the run is and what it saw."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    """Non-padding training tokens."""
+    batch_tokens: int = 0
+    """Training tokens including padding (what the GPU computed on)."""
+    elapsed_s: float = 0.0
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    total_steps: int | None = None
+    """The fixed horizon in optimizer steps (None while a seconds horizon is measuring)."""
+    horizon: list[float | None] = field(default_factory=list)
+    """(max_steps, max_tokens, max_seconds) that `total_steps` was fixed for."""
+    step_times: list[float] = field(default_factory=list)
+    """Durations of the first optimizer steps, for the seconds horizon's estimate."""
+    last_eval_s: float = 0.0
+    checkpoint_s: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    loss_start: float | None = None
+    loss_ema: float | None = None
+    lr: float = 0.0
+    initial_val_loss: float | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    """EvalEvent dicts, one per eval the callbacks saw."""
+
+
+@dataclass
+class _Run:
+    """One run's live objects, passed between setup, fit and validate."""
+
+    config: RunConfig
+    fabric: Fabric
+    model: Any
+    optimizer: Any
+    sampler: MixtureSampler
+    val_batches: list[dict[str, torch.Tensor]]
+    progress: Progress
+    guard: MemoryGuard
+    callbacks: Sequence[Callback]
+    stop_check: StopCheck | None
+    t0: float
+    """perf_counter() value at which this run's elapsed time was zero (resumes shift it)."""
+    data_stats: dict[str, float]
+    quiet: bool
+    bar: Any = None
+    snapshot: ckpt.Snapshot | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.config.out_dir / "metrics.jsonl"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.config.out_dir / "checkpoints"
+
+
+class _Diverging(Exception):
+    """Internal: raised in the loop, re-raised as `Diverged` once the run's memory is freed."""
+
+    def __init__(self, step: int, loss: float, why: str) -> None:
+        super().__init__(why)
+        self.args_ = (step, loss, why)
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+
+class Worker:
+    """One base model loaded once, finetuned by many runs, each with its own fresh adapter.
+
+    The search driver keeps one Worker per process: loading a 7B base costs a minute, a
+    trial's adapter a second. After `run()` the last run's adapter stays on the model (for
+    in-memory evaluation, export, generation) until the next `run()` replaces it.
+    """
+
+    def __init__(
+        self, model: str, *, precision: str = "32-true", quantize: str | None = None,
+        quiet: bool = False,
+    ) -> None:  # fmt: skip
+        self.name = model
+        self.precision = precision
+        self.quantize = quantize
+        self.quiet = quiet
+        loaded = load_base_model(model, precision, quantize)
+        self.path = loaded.path
+        self.fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+        self._base = loaded.model if loaded.quantized else self.fabric.to_device(loaded.model)
+        self.tokenizer = load_tokenizer(loaded.path)
+        self.model_load_s = loaded.load_s
+        self._peft: Any = None
+        self._last_peak = 0
+        self.last_config: RunConfig | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The base model with the last run's adapter active (the bare base before any run)."""
+        return self._peft if self._peft is not None else self._base
+
+    def run(
+        self, config: RunConfig, callbacks: Sequence[Callback] = (),
+        stop_check: StopCheck | None = None, resume: bool = True,
+    ) -> RunResult:  # fmt: skip
+        """Train a fresh adapter per `config`; resume from `out_dir/checkpoints` when allowed.
+
+        Raises `OutOfMemory` or `Diverged` after giving back everything the run allocated,
+        so the same worker runs the next configuration as a fresh process would.
+        """
+        self._check_compatible(config)
+        self.drop_adapter()
+        failure: tuple[str, tuple] | None = None
+        try:
+            result = main(self, config, callbacks, stop_check, resume)
+        except _Diverging as e:
+            failure = ("diverged", e.args_)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                self.drop_adapter()
+                raise
+            failure = ("oom", (getattr(e, "rss_bytes", 0),))
+        except BaseException:
+            self.drop_adapter()
+            raise
+        else:
+            self.last_config = config
+            return result
+        # Outside the except blocks: the traceback and the loop's frames, which hold the
+        # activations, are gone by now, so release_memory() can actually free them.
+        guard_peak = self._last_peak
+        self.drop_adapter()
+        _append_line(config.out_dir / "metrics.jsonl", {"kind": "failed", "reason": failure[0]})
+        if failure[0] == "diverged":
+            raise Diverged(*failure[1])
+        raise OutOfMemory(config.micro_batch, config.max_seq_length, max(guard_peak, *failure[1]))
+
+    def drop_adapter(self) -> None:
+        """Take the current adapter off the base and free its weights, optimizer and caches."""
+        if self._peft is not None:
+            self._base = remove_lora(self._peft)
+            self._peft = None
+        self._base.eval()
+        release_memory()
+
+    def _check_compatible(self, config: RunConfig) -> None:
+        if config.precision != self.precision or config.quantize != self.quantize:
+            raise UserInputError(
+                f"run config asks precision={config.precision}, quantize={config.quantize} but "
+                f"the worker loaded {self.name} with precision={self.precision}, "
+                f"quantize={self.quantize} (the base model is loaded once per worker)"
+            )
+        if config.model != self.name and resolve_model_path(config.model, False) != self.path:
+            raise UserInputError(
+                f"run config model {config.model!r} is not the worker's {self.name!r}"
+            )
+
+    def export_merged(self, out_dir: Path) -> Path:
+        """Merge the current adapter into a copy of the base and save a Hugging Face folder."""
+        from budgetune.engine.export import export_merged
+
+        if self._peft is None:
+            raise UserInputError("export_merged: no adapter yet (call run() first)")
+        return export_merged(self._peft, self.tokenizer, self.path, Path(out_dir), self.last_config)
+
+    def generate(
+        self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
+        top_k: int | None = None, template: bool = True,
+    ) -> str:  # fmt: skip
+        """Answer `prompt` with the current model (greedy at temperature 0)."""
+        from budgetune.engine.export import generate_text
+
+        return generate_text(
+            self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, template=template,
+        )  # fmt: skip
+
+
+def run(
+    config: RunConfig, callbacks: Sequence[Callback] = (), stop_check: StopCheck | None = None,
+    resume: bool = True, quiet: bool = False,
+) -> RunResult:  # fmt: skip
+    """One run in a fresh worker: for `budgetune train` and scripts that do a single run."""
+    worker = Worker(config.model, precision=config.precision, quantize=config.quantize, quiet=quiet)
+    return worker.run(config, callbacks, stop_check, resume)
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+def setup(
+    worker: Worker, config: RunConfig, callbacks: Sequence[Callback],
+    stop_check: StopCheck | None, resume: bool,
+) -> _Run:  # fmt: skip
+    """Data, adapter, optimizer and (when a good checkpoint exists) the resumed state."""
+    start = time.perf_counter()
+    fabric = worker.fabric
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    fabric.seed_everything(config.seed, verbose=False)
+    guard = MemoryGuard(fabric.device, config.memory_cap_bytes)
+    train_sources, val = prepare_data(config, worker.tokenizer)
+    pad_id = pad_id_for(worker.tokenizer)
+    sampler = MixtureSampler(train_sources, config.weights, config.micro_batch, pad_id, config.seed)
+    val_batches = validation_batches(val, config.micro_batch, pad_id, config.eval_batches)
+    if not val_batches:
+        raise UserInputError(f"{config.val.path}: the validation set is empty")
+    peft_model = add_lora(worker.model, config.lora)
+    worker._peft = peft_model
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    model, optimizer = fabric.setup(peft_model, optimizer)
+    mixture = sampler.mixture
+    mean_len = sum(
+        mixture.get(s.name, 0.0) * s.n_tokens / max(1, len(s)) for s in train_sources
+    )
+    stats = {
+        "n_truncated": sum(s.n_truncated for s in [*train_sources, val]),
+        "n_prompt_too_long": sum(s.n_prompt_too_long for s in [*train_sources, val]),
+        "n_trainable_params": sum(p.numel() for p in trainable),
+        "mean_example_tokens": mean_len,
+    }
+    progress = Progress(
+        total_steps=_fixed_total_steps(config, mean_len),
+        horizon=[config.max_steps, config.max_tokens, config.max_seconds],
+    )
+    found = ckpt.load_checkpoint(out / "checkpoints") if resume else None
+    if found is None:
+        ckpt.clear_run(out)
+    run = _Run(config, fabric, model, optimizer, sampler, val_batches, progress, guard,
+               callbacks, stop_check, start, stats, worker.quiet)  # fmt: skip
+    if found is not None:
+        _restore(run, found)
+    _write_config(run, worker)
+    return run
+
+
+def main(
+    worker: Worker, config: RunConfig, callbacks: Sequence[Callback],
+    stop_check: StopCheck | None, resume: bool,
+) -> RunResult:  # fmt: skip
+    run = setup(worker, config, callbacks, stop_check, resume)
+    try:
+        if run.progress.step == 0 and run.progress.initial_val_loss is None:
+            t = time.perf_counter()
+            run.progress.initial_val_loss = validate(run)
+            run.progress.last_eval_s = time.perf_counter() - t
+            run.progress.eval_s += run.progress.last_eval_s
+            _append_line(run.metrics_path, {"kind": "initial", "step": 0,
+                                            "val_loss": run.progress.initial_val_loss})
+        run.snapshot = _snapshot(run)
+        with _progress_bar(run):
+            status = fit(run)
+    finally:
+        worker._last_peak = run.guard.peak_bytes()
+    adapter_dir = config.out_dir / "adapter"
+    worker._peft.save_pretrained(adapter_dir)
+    metrics = _metrics(run) | {"model_load_s": worker.model_load_s}
+    _append_line(run.metrics_path, {"kind": "final", "status": status, "step": run.progress.step,
+                                    "tokens_seen": run.progress.tokens_seen,
+                                    "elapsed_s": run.elapsed(), **metrics})  # fmt: skip
+    worker._peft.eval()
+    latest = ckpt.find_checkpoints(run.checkpoint_root)
+    return RunResult(
+        status=status, step=run.progress.step, tokens_seen=run.progress.tokens_seen,
+        elapsed_s=run.elapsed(), metrics=metrics,
+        curve=[EvalEvent(**e) for e in run.progress.curve], out_dir=config.out_dir,
+        adapter_dir=adapter_dir, checkpoint_dir=latest[0] if latest else None,
+    )  # fmt: skip
+
+
+def fit(run: _Run) -> str:
+    """The step loop. Returns `completed` at the horizon, `stopped` when asked to stop."""
+    config, p = run.config, run.progress
+    last_eval_step = p.curve[-1]["step"] if p.curve else -1
+    try:
+        while not _horizon_reached(run):
+            if run.stop_check is not None and run.stop_check():
+                save_checkpoint(run)
+                return "stopped"
+            if config.max_seconds is not None and not _next_step_fits(run):
+                break
+            p.lr = get_lr(p.step, learning_rate=config.learning_rate,
+                          warmup_steps=config.warmup_steps, total_steps=p.total_steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = p.lr
+            t = time.perf_counter()
+            loss = train_step(run)
+            with ckpt.defer_interrupts():
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                step_s = time.perf_counter() - t
+                p.step += 1
+                p.train_s += step_s
+                if len(p.step_times) < MEASURE_STEPS:
+                    p.step_times.append(step_s)
+                _track_loss(p, loss, config.divergence_factor)
+                if p.total_steps is None and len(p.step_times) >= MEASURE_STEPS:
+                    p.total_steps = _seconds_total_steps(run)
+                run.snapshot = _snapshot(run)
+            if run.bar is not None:
+                run.bar.update(run.bar.task_ids[0], completed=p.step, total=p.total_steps,
+                               description=f"loss {loss:.4f}")
+            if p.step % config.eval_interval == 0 and not _horizon_reached(run):
+                last_eval_step = p.step
+                if evaluate(run):
+                    return "stopped"
+            elif config.checkpoint_interval and p.step % config.checkpoint_interval == 0:
+                save_checkpoint(run)
+        if last_eval_step != p.step:
+            evaluate(run, final=True)
+        return "completed"
+    except KeyboardInterrupt:
+        save_checkpoint(run)
+        raise
+
+
+def train_step(run: _Run) -> float:
+    """One optimizer step's forward/backward passes over `grad_accum` micro-batches."""
+    config, fabric = run.config, run.fabric
+    losses = []
+    for micro in range(config.grad_accum):
+        batch, n_real = get_batch(run)
+        with fabric.no_backward_sync(run.model, enabled=micro < config.grad_accum - 1):
+            loss = run.model(**batch).loss
+            run.guard.check()
+            fabric.backward(loss / config.grad_accum)
+            run.guard.check()
+        losses.append(loss.detach())
+        run.progress.tokens_seen += n_real
+        run.progress.batch_tokens += batch["input_ids"].numel()
+    if config.grad_clip:
+        fabric.clip_gradients(run.model, run.optimizer, max_norm=config.grad_clip,
+                              error_if_nonfinite=False)
+    # One host-device sync per optimizer step, for the divergence test and the progress bar.
+    return torch.stack(losses).float().mean().item()
+
+
+def get_batch(run: _Run) -> tuple[dict[str, torch.Tensor], int]:
+    """The next training micro-batch on the run's device, and its non-padding token count."""
+    batch = run.sampler.next_batch()
+    n_real = int(batch["attention_mask"].sum())
+    return run.fabric.to_device(batch), n_real
+
+
+@torch.no_grad()
+def validate(run: _Run) -> float:
+    """Mean loss per target token over the fixed validation batches."""
+    run.model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for batch in run.val_batches:
+        batch = run.fabric.to_device(batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss = run.model(**batch).loss
+        total += loss.double().cpu() * n
+        count += n
+        run.guard.check()
+    run.model.train()
+    return float(total / max(count, 1))
+
+
+def evaluate(run: _Run, final: bool = False) -> bool:
+    """Validate, checkpoint, log and call the callbacks; True when one asks the run to stop."""
+    p, config = run.progress, run.config
+    t = time.perf_counter()
+    val_loss = validate(run)
+    p.last_eval_s = time.perf_counter() - t
+    p.eval_s += p.last_eval_s
+    metrics = {
+        "val_loss": val_loss,
+        "train_loss": p.loss_sum / p.loss_count if p.loss_count else float("nan"),
+        **_throughput(run),
+    }
+    p.loss_sum, p.loss_count = 0.0, 0
+    event = EvalEvent(step=p.step, tokens_seen=p.tokens_seen, elapsed_s=run.elapsed(),
+                      metrics=metrics)  # fmt: skip
+    p.curve.append(event.to_dict())
+    run.snapshot = _snapshot(run)
+    if config.checkpoint_interval is None or p.step % config.checkpoint_interval == 0 or final:
+        save_checkpoint(run)
+    _append_line(run.metrics_path, {"kind": "eval", **event.to_dict()})
+    stop = False
+    for callback in run.callbacks:
+        stop = bool(callback(event)) or stop
+    if stop and not final and config.checkpoint_interval is not None:
+        save_checkpoint(run)
+    return stop and not final
+
+
+def save_checkpoint(run: _Run) -> Path:
+    """Checkpoint the run as of its last completed optimizer step."""
+    t = time.perf_counter()
+    path = ckpt.write_run_checkpoint(
+        run.checkpoint_root, run.snapshot or _snapshot(run), run.model, run.optimizer,
+        _resume_fingerprint(run.config),
+    )  # fmt: skip
+    run.progress.checkpoint_s = time.perf_counter() - t
+    return path
+
+
+# --- horizon -----------------------------------------------------------------------------------
+
+
+def _fixed_total_steps(config: RunConfig, mean_example_tokens: float) -> int | None:
+    """Optimizer steps of a steps or tokens horizon (None: seconds, fixed after measuring)."""
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.max_tokens is not None:
+        per_step = max(1.0, mean_example_tokens * config.global_batch)
+        return max(1, math.ceil(config.max_tokens / per_step))
+    return None
+
+
+def _horizon_reached(run: _Run) -> bool:
+    p, config = run.progress, run.config
+    if p.total_steps is not None and p.step >= p.total_steps:
+        return True
+    return config.max_tokens is not None and p.tokens_seen >= config.max_tokens
+
+
+def _step_estimate_s(p: Progress) -> float:
+    times = p.step_times[1:] if len(p.step_times) > 1 else p.step_times
+    recent = p.train_s / p.step if p.step else 0.0
+    return max(sum(times) / len(times) if times else 0.0, recent)
+
+
+def _seconds_total_steps(run: _Run) -> int:
+    """Fix a seconds horizon's step count from measured step, eval and checkpoint times.
+
+    The driver charges evals and checkpoints to the allowance, so the count leaves room for
+    every eval the remaining steps will trigger plus the final one.
+    """
+    p, config = run.progress, run.config
+    assert config.max_seconds is not None
+    step_s = max(_step_estimate_s(p), 1e-6)
+    per_eval = p.last_eval_s + p.checkpoint_s
+    remaining = config.max_seconds - run.elapsed()
+    n = max(0, int(remaining / step_s))
+    while n > 0:
+        n_evals = (p.step + n) // config.eval_interval - p.step // config.eval_interval + 1
+        if n * step_s + n_evals * per_eval <= remaining:
+            break
+        n -= 1
+    return p.step + n
+
+
+def _next_step_fits(run: _Run) -> bool:
+    """The explicit wall-clock stop: one more step plus the final eval must fit the allowance."""
+    p, config = run.progress, run.config
+    assert config.max_seconds is not None
+    if not p.step_times:
+        return run.elapsed() < config.max_seconds
+    needed = _step_estimate_s(p) + p.last_eval_s + p.checkpoint_s
+    return run.elapsed() + needed <= config.max_seconds
+
+
+def _track_loss(p: Progress, loss: float, factor: float) -> None:
+    """Accumulate the train loss and raise `_Diverging` on NaN/inf or a blown-up loss."""
+    if not math.isfinite(loss):
+        raise _Diverging(p.step, loss, "loss is not finite")
+    p.loss_sum += loss
+    p.loss_count += 1
+    if p.loss_start is None:
+        p.loss_start = loss
+    p.loss_ema = loss if p.loss_ema is None else EMA_DECAY * p.loss_ema + (1 - EMA_DECAY) * loss
+    if p.loss_start is not None and p.loss_ema is not None and p.loss_ema > factor * p.loss_start:
+        raise _Diverging(
+            p.step, p.loss_ema,
+            f"smoothed loss {p.loss_ema:.4g} > {factor} x starting loss {p.loss_start:.4g}",
+        )  # fmt: skip
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+def _snapshot(run: _Run) -> ckpt.Snapshot:
+    run.progress.elapsed_s = run.elapsed()
+    return ckpt.Snapshot.take(dataclasses.asdict(run.progress), run.sampler)
+
+
+def _resume_fingerprint(config: RunConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    return json.loads(json.dumps({k: data[k] for k in RESUME_KEYS}, default=str))
+
+
+def _restore(run: _Run, found: ckpt.Checkpoint) -> None:
+    """Continue the checkpointed run: weights, optimizer, sampler, generators, counters, log."""
+    saved = ckpt.restore_run(
+        found, run.model, run.optimizer, run.sampler, _resume_fingerprint(run.config)
+    )
+    fresh_total, horizon = run.progress.total_steps, run.progress.horizon
+    run.progress = Progress(**saved)
+    if run.progress.horizon != horizon:
+        # A longer (or shorter) run asked of the same checkpoint: refit the schedule to the new
+        # horizon (a seconds horizon refits at the next step from the times measured so far).
+        run.progress.total_steps, run.progress.horizon = fresh_total, horizon
+    run.t0 = time.perf_counter() - run.progress.elapsed_s
+    # The log is rewritten from the checkpoint: evals after it will be redone, not duplicated.
+    lines = [{"kind": "eval", **e} for e in run.progress.curve]
+    if run.progress.initial_val_loss is not None:
+        lines.insert(0, {"kind": "initial", "step": 0, "val_loss": run.progress.initial_val_loss})
+    ckpt.write_text_atomic(run.metrics_path, "".join(json.dumps(x) + "\n" for x in lines))
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def _throughput(run: _Run) -> dict[str, float]:
+    p = run.progress
+    train_s = max(p.train_s, 1e-9)
+    return {
+        "lr": p.lr,
+        "tokens_per_s": p.batch_tokens / train_s,
+        "nonpad_tokens_per_s": p.tokens_seen / train_s,
+        "padding_fraction": 1.0 - p.tokens_seen / p.batch_tokens if p.batch_tokens else 0.0,
+        "step_time_s": p.train_s / p.step if p.step else 0.0,
+        "peak_memory_bytes": float(run.guard.peak_bytes()),
+    }
+
+
+def _metrics(run: _Run) -> dict[str, float]:
+    """The final figures of a run: last eval, throughput, overhead, data counts."""
+    p = run.progress
+    last = p.curve[-1]["metrics"] if p.curve else {}
+    elapsed = run.elapsed()
+    overhead = max(0.0, elapsed - p.train_s - p.eval_s)
+    return {
+        **last,
+        **_throughput(run),
+        "initial_val_loss": p.initial_val_loss if p.initial_val_loss is not None else math.nan,
+        "total_steps": float(p.total_steps if p.total_steps is not None else p.step),
+        "train_s": p.train_s,
+        "eval_s": p.eval_s,
+        "overhead_s": overhead,
+        "overhead_fraction": overhead / elapsed if elapsed > 0 else 0.0,
+        **{k: float(v) for k, v in run.data_stats.items()},
+    }
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_config(run: _Run, worker: Worker) -> None:
+    """Print the resolved configuration and keep it next to the run's outputs."""
+    resolved = json.loads(json.dumps(dataclasses.asdict(run.config), default=str))
+    resolved["resolved"] = {
+        "model_path": str(worker.path),
+        "grad_accum": run.config.grad_accum,
+        "mixture": run.sampler.mixture,
+        "total_steps": run.progress.total_steps,
+        "device": str(run.fabric.device),
+        "resumed_at_step": run.progress.step or None,
+        **run.data_stats,
+    }
+    ckpt.write_text_atomic(run.config.out_dir / "config.json", json.dumps(resolved, indent=2))
+    if not run.quiet:
+        from rich.console import Console
+
+        Console(stderr=True).print_json(data=resolved)
+
+
+@contextlib.contextmanager
+def _progress_bar(run: _Run):
+    """A rich progress bar over optimizer steps, on a terminal and when not quiet."""
+    if run.quiet or not sys.stderr.isatty():
+        yield
+        return
+    from rich import progress as rp
+    from rich.console import Console
+
+    columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+               rp.TimeElapsedColumn())  # fmt: skip
+    with rp.Progress(*columns, console=Console(stderr=True)) as bar:
+        bar.add_task("training", total=run.progress.total_steps, completed=run.progress.step)
+        run.bar = bar
+        try:
+            yield
+        finally:
+            run.bar = None
