@@ -398,10 +398,10 @@ def evaluate(
     process; otherwise `include_paths` are localized into a temporary folder for this call.
     `offline=None` switches the hub off exactly when every task reads local files.
     """
+    requests = _as_requests(tasks)
     start = time.perf_counter()  # lm-eval's first import (seconds) is part of the cost
     from lm_eval.models.huggingface import HFLM
 
-    requests = _as_requests(tasks)
     net = _unwrap(model)
     was_training = net.training
     try:

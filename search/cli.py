@@ -155,6 +155,25 @@ def report(
     run(source, study, out, csv, parquet)
 
 
+@app.command("eval")
+def eval_model(
+    model_dir: Annotated[Path, typer.Argument(help="Exported Hugging Face model folder.")],
+    tasks: Annotated[str, typer.Option("--tasks", help="lm-eval tasks, comma-separated.")],
+    include_path: Annotated[
+        list[Path] | None,
+        typer.Option("--include-path", help="Folder of local lm-eval task YAMLs (repeatable)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Examples per task.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write results as JSON.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    device: Annotated[str | None, typer.Option("--device", help="cuda, cpu, ...")] = None,
+) -> None:
+    """Evaluate an exported model with lm-eval (a finished model, or a baseline)."""
+    from budgetune.search.evaluation import eval_command as run
+
+    run(model_dir, tasks, include_path or [], limit, out, batch_size, device)
+
+
 # --- submission: the challenge's HTTP API and its Docker image ----------------------------
 
 
