@@ -17,14 +17,20 @@ def _space(raw: dict) -> object:
 
 
 def test_fixed_values_never_reach_optuna_and_alpha_follows_rank() -> None:
-    space = _space({
-        "lora_rank": {"choices": [4, 16]},
-        "lora_alpha": {"ratio": 2.0},
-        "lr": {"low": 1e-4, "high": 1e-2, "log": True},
-        "micro_batch": 2,
-        "warmup_steps": {"low": 0, "high": 20, "step": 5},
-        "mix": {"dolly": {"low": 0.0, "high": 1.0}, "flan": 0.0, "oasst1": {"low": 0.0, "high": 1.0}},
-    })  # fmt: skip
+    space = _space(
+        {
+            "lora_rank": {"choices": [4, 16]},
+            "lora_alpha": {"ratio": 2.0},
+            "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+            "micro_batch": 2,
+            "warmup_steps": {"low": 0, "high": 20, "step": 5},
+            "mix": {
+                "dolly": {"low": 0.0, "high": 1.0},
+                "flan": 0.0,
+                "oasst1": {"low": 0.0, "high": 1.0},
+            },
+        }
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()
@@ -58,11 +64,23 @@ def test_tpe_samples_always_give_a_usable_mixture() -> None:
 
 
 def test_overrides_map_optuna_names_to_run_config_fields() -> None:
-    over = run_overrides({"lora_rank": 16, "lora_alpha": 32.0, "lora_targets": "all-linear",
-                          "lr": 1e-3, "micro_batch": 8, "mix.dolly": 0.3,
-                          "weights": {"dolly": 1.0}})  # fmt: skip
-    assert over == {"lora": {"r": 16, "alpha": 32.0, "targets": "all-linear"},
-                    "learning_rate": 1e-3, "micro_batch": 8, "weights": {"dolly": 1.0}}  # fmt: skip
+    over = run_overrides(
+        {
+            "lora_rank": 16,
+            "lora_alpha": 32.0,
+            "lora_targets": "all-linear",
+            "lr": 1e-3,
+            "micro_batch": 8,
+            "mix.dolly": 0.3,
+            "weights": {"dolly": 1.0},
+        }
+    )
+    assert over == {
+        "lora": {"r": 16, "alpha": 32.0, "targets": "all-linear"},
+        "learning_rate": 1e-3,
+        "micro_batch": 8,
+        "weights": {"dolly": 1.0},
+    }
 
 
 @pytest.mark.parametrize(

@@ -78,9 +78,11 @@ def test_load_resolves_paths_against_the_study_folder(tmp_path: Path, monkeypatc
 
 def test_run_config_layers_train_defaults_params_and_horizon(tmp_path: Path) -> None:
     s = load_study_text(GOOD, tmp_path)
-    cfg = s.run_config(tmp_path / "t0", {"lora_rank": 8, "lora_alpha": 16.0, "lr": 5e-3,
-                                          "weights": {"dolly": 0.25, "hub": 0.75}},
-                       max_seconds=30.0)  # fmt: skip
+    cfg = s.run_config(
+        tmp_path / "t0",
+        {"lora_rank": 8, "lora_alpha": 16.0, "lr": 5e-3, "weights": {"dolly": 0.25, "hub": 0.75}},
+        max_seconds=30.0,
+    )
     assert (cfg.lora.r, cfg.lora.alpha, cfg.learning_rate) == (8, 16.0, 5e-3)
     assert cfg.weights == {"dolly": 0.25, "hub": 0.75}
     # the horizon given replaces [train]'s max_steps instead of clashing with it
@@ -109,27 +111,42 @@ def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path: Path) -> 
         load_study(f)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(str(f))
-    for part in ("search.lr.low must be > 0", "budget.bogus is not a known key",
-                 "budget.final_share must be in (0, 1)", "study.seed must be int",
-                 "pruner.kind 'sometimes' is unknown", "extra is not a known section"):  # fmt: skip
+    for part in (
+        "search.lr.low must be > 0",
+        "budget.bogus is not a known key",
+        "budget.final_share must be in (0, 1)",
+        "study.seed must be int",
+        "pruner.kind 'sometimes' is unknown",
+        "extra is not a known section",
+    ):
         assert part in msg
 
 
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (("micro_batch = { choices = [1, 2, 4] }", "micro_batch = { choices = [3] }"),
-         "search.global_batch (8) must be a multiple of every search.micro_batch choice (3)"),
+        (
+            ("micro_batch = { choices = [1, 2, 4] }", "micro_batch = { choices = [3] }"),
+            "search.global_batch (8) must be a multiple of every search.micro_batch choice (3)",
+        ),
         (("hub = 0.5", "web = 0.5"), "search.mix.web names no source"),
         (("hub = 0.5", "hub = 0.5\ndolly2 = 1"), "search.mix.dolly2 names no source"),
-        (('schema = "alpaca"', 'schema = "sharegpt"'), "data.validation.schema 'sharegpt' is unknown"),
+        (
+            ('schema = "alpaca"', 'schema = "sharegpt"'),
+            "data.validation.schema 'sharegpt' is unknown",
+        ),
         (("trial_s = 10", "trial_s = 10\nfinal_share = 0.95"), "cannot hold one trial"),
-        (("lora_dropout = 0.1", "lora_dropout = { low = 0.5, high = 0.1 }"),
-         "search.lora_dropout.low must be <= search.lora_dropout.high"),
-        (("[train.lora]\nr = 4", "[train.lora]\nr = 4\nrank = 3"), "train.lora.rank is not a known key"),
+        (
+            ("lora_dropout = 0.1", "lora_dropout = { low = 0.5, high = 0.1 }"),
+            "search.lora_dropout.low must be <= search.lora_dropout.high",
+        ),
+        (
+            ("[train.lora]\nr = 4", "[train.lora]\nr = 4\nrank = 3"),
+            "train.lora.rank is not a known key",
+        ),
         (("max_steps = 20", "max_steps = 20\nwarmup_steps = -1"), "warmup_steps must be >= 0"),
     ],
-)  # fmt: skip
+)
 def test_specific_mistakes(tmp_path: Path, edit: tuple[str, str], expected: str) -> None:
     assert edit[0] in GOOD
     with pytest.raises(UserInputError, match=None) as e:
