@@ -233,7 +233,10 @@ class ModelRunner:
             tokens.append(self._token(context, seq[i], lp, top))
         text = self._completion_text(prompt_ids, gen.ids)
         if req.stop_sequences:
-            pieces = [t.text for t in tokens[len(tokens) - len(gen.ids) :]]
+            # Special tokens are absent from `text`, so they take no room before the cut.
+            special = set(self.tokenizer.all_special_ids)
+            generated = tokens[len(tokens) - len(gen.ids) :]
+            pieces = ["" if i in special else t.text for i, t in zip(gen.ids, generated)]
             text, n_keep = _cut_at_stop(text, pieces, req.stop_sequences)
             del tokens[len(tokens) - len(gen.ids) + n_keep :]
         if echo:
