@@ -91,11 +91,18 @@ class EvalReport:
         return {t.task: t for t in self.tasks}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "tasks": [t.to_dict() for t in self.tasks]}
+        """JSON-ready, tasks keyed by name as in lm-eval's own `results`."""
+        return {"seconds": self.seconds, "tasks": results_by_task(self.tasks)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalReport:
-        return cls(tasks=[TaskResult.from_dict(t) for t in d["tasks"]], seconds=d["seconds"])
+        tasks = [TaskResult.from_dict(t) for t in d["tasks"].values()]
+        return cls(tasks=tasks, seconds=d["seconds"])
+
+
+def results_by_task(results: Sequence[TaskResult]) -> dict[str, dict[str, Any]]:
+    """Task name -> result dict: the JSON shape stored per trial and written to run dirs."""
+    return {r.task: r.to_dict() for r in results}
 
 
 # --- task folders -----------------------------------------------------------------------

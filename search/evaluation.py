@@ -44,6 +44,7 @@ from budgetune.engine.evaluate import (
     evaluate,
     evaluate_pretrained,
     localize_task_dirs,
+    results_by_task,
     tasks_are_local,
 )
 
@@ -266,16 +267,28 @@ class TrialScore:
     val_loss: float | None
     search_score: float | None
     """Weighted mean normalized score over eval.search (None without search tasks)."""
-    tasks: list[TaskResult]
+    results: list[TaskResult]
     seconds: float
     """Eval seconds, to charge to the ledger as eval time."""
 
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """Per-task results keyed by task, JSON-ready (for trial user attributes)."""
+        return results_by_task(self.results)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tasks": [t.to_dict() for t in self.tasks]}
+        return {
+            "value": self.value,
+            "val_loss": self.val_loss,
+            "search_score": self.search_score,
+            "seconds": self.seconds,
+            "tasks": self.tasks,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialScore:
-        return cls(**{**d, "tasks": [TaskResult.from_dict(t) for t in d["tasks"]]})
+        results = [TaskResult.from_dict(t) for t in d["tasks"].values()]
+        return cls(d["value"], d["val_loss"], d["search_score"], results, d["seconds"])
 
 
 @dataclass
@@ -283,30 +296,38 @@ class HoldoutScore:
     """Holdout tasks on one model: never part of any objective."""
 
     score: float
-    tasks: list[TaskResult]
+    results: list[TaskResult]
     seconds: float
 
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        return results_by_task(self.results)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tasks": [t.to_dict() for t in self.tasks]}
+        return {"score": self.score, "seconds": self.seconds, "tasks": self.tasks}
 
 
 @dataclass
 class FinalScore:
     """The final model: its full eval, plus search and holdout scores for the guard."""
 
-    tasks: list[TaskResult]
+    results: list[TaskResult]
     """eval.final results (no limits unless the study sets them)."""
     search_score: float | None
     """Search tasks at their trial limits, comparable with the trials' search scores."""
     holdout: HoldoutScore | None
     seconds: float
 
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        return results_by_task(self.results)
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "tasks": [t.to_dict() for t in self.tasks],
             "search_score": self.search_score,
-            "holdout": self.holdout.to_dict() if self.holdout else None,
             "seconds": self.seconds,
+            "tasks": self.tasks,
+            "holdout": self.holdout.to_dict() if self.holdout else None,
         }
 
 

@@ -140,7 +140,7 @@ def test_holdout_runs_only_on_trials_among_the_best_so_far(tmp_path: Path) -> No
 def test_trial_objective_without_search_tasks_is_the_validation_loss(tmp_path: Path) -> None:
     ev = Evaluator(EvalSettings(val_loss_weight=2.0), tmp_path)
     score = ev.score_trial(model=None, tokenizer=None, val_loss=1.25)
-    assert (score.value, score.search_score, score.tasks, score.seconds) == (2.5, None, [], 0.0)
+    assert (score.value, score.search_score, score.tasks, score.seconds) == (2.5, None, {}, 0.0)
 
 
 # --- the overfitting guard --------------------------------------------------------------
@@ -265,18 +265,21 @@ def test_evaluator_scores_a_trial_runs_holdout_and_final(
     settings = EvalSettings.from_toml(table, tmp_path)
     ev = Evaluator(settings, tmp_path / "work")
     trial = ev.score_trial(model, tokenizer, val_loss=2.0, out_dir=tmp_path / "trial-0")
-    (mc,) = trial.tasks
+    (mc,) = trial.results
     assert (mc.task, mc.n_examples) == ("quickstart_heldout_mc", 8)
     # objective = 0.5 * val_loss - (acc - 0.1) / 0.9
     assert trial.search_score == pytest.approx((mc.value - 0.1) / 0.9)
     assert trial.value == pytest.approx(1.0 - trial.search_score)
     stored = json.loads((tmp_path / "trial-0" / "eval_search.json").read_text())
-    assert stored["tasks"][0]["value"] == mc.value and stored["value"] == trial.value
+    assert stored["tasks"]["quickstart_heldout_mc"]["value"] == mc.value
+    assert stored["value"] == trial.value and stored["search_score"] == trial.search_score
+    # The driver stores `tasks` as a trial attribute: it must be plain JSON, keyed by task.
+    assert json.loads(json.dumps(trial.tasks)) == stored["tasks"]
     assert trial.seconds > 0
 
     holdout = ev.holdout(model, tokenizer)
-    assert [(t.task, t.n_examples) for t in holdout.tasks] == [("quickstart_holdout_mc", 6)]
-    assert holdout.score == pytest.approx(holdout.tasks[0].value)
+    assert [(t.task, t.n_examples) for t in holdout.results] == [("quickstart_holdout_mc", 6)]
+    assert holdout.score == pytest.approx(holdout.results[0].value)
 
     final = ev.final(model, tokenizer, out_dir=tmp_path / "final")
     # Same weights, same examples: the final model's search score equals the trial's, and
@@ -284,8 +287,9 @@ def test_evaluator_scores_a_trial_runs_holdout_and_final(
     assert final.search_score == pytest.approx(trial.search_score)
     assert final.holdout is not None and final.holdout.score == pytest.approx(holdout.score)
     written = json.loads((tmp_path / "final" / "eval_final.json").read_text())
-    assert written["tasks"][0]["task"] == "quickstart_heldout_mc"
-    assert written["holdout"]["tasks"][0]["task"] == "quickstart_holdout_mc"
+    assert list(written["tasks"]) == ["quickstart_heldout_mc"]
+    assert list(written["holdout"]["tasks"]) == ["quickstart_holdout_mc"]
+    assert written["search_score"] == pytest.approx(trial.search_score)
     rows = [GuardRow("trial 0", trial.search_score, holdout.score, trial.value)]
     rows.append(GuardRow("final", final.search_score, final.holdout.score, final=True))
     # Identical weights cannot overfit relative to themselves.
@@ -306,7 +310,7 @@ def test_budgetune_eval_command_writes_json(
     cli.main()
     data = json.loads(out.read_text())
     assert data["model"] == str(quickstart["model_dir"]) and data["limit"] == 5
-    (task,) = data["tasks"]
+    (task,) = data["tasks"].values()
     assert (task["task"], task["metric"], task["n_examples"]) == (
         "quickstart_heldout_mc",
         "acc,none",
