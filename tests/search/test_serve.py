@@ -19,7 +19,7 @@ import pytest
 import torch
 import uvicorn
 from budgetune.engine.errors import UserInputError
-from budgetune.search.serve import ModelRunner, create_app, resolve_model_dir
+from budgetune.search.serve import ModelRunner, ProcessRequest, create_app, resolve_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "studies" / "quickstart" / "model"
@@ -138,10 +138,11 @@ def post(client: httpx.Client, path: str, body: dict) -> dict:
 
 def direct_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """log P(ids[i] | ids[:i]) for i >= 1, from one full forward pass (no cache)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return logprobs[:-1].gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -166,6 +167,17 @@ def test_greedy_process_equals_model_generate(client, reference, prompt):
         # Greedy picks the most likely token, so it is its own top-1 alternative.
         for t in got["tokens"]:
             assert t["top_logprob"] == {t["text"]: pytest.approx(t["logprob"])}
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_process_equals_the_engine_generation(client, reference, prompt):
+    from budgetune.engine.export import generate_text
+
+    model, tokenizer = reference
+    # Raw prompts: HELM sends complete prompts, so no instruction template on either side.
+    want = generate_text(model, tokenizer, prompt, max_new_tokens=12, template=False)
+    got = post(client, "/process", {"prompt": prompt, "temperature": 0, "max_new_tokens": 12})
+    assert got["text"] == want
 
 
 def test_echo_prompt_logprobs_equal_log_softmax(client, reference):
@@ -375,3 +387,26 @@ def test_resolve_model_dir_accepts_model_and_run_dirs(tmp_path):
         with pytest.raises(UserInputError) as e:
             resolve_model_dir(bad)
         assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_runner_matches_generate_and_log_softmax(model_dir):
+    runner = ModelRunner.load(model_dir)
+    model, tokenizer = runner.model, runner.tokenizer
+    # With a GPU the server loads the model on CUDA in bf16.
+    assert runner.device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=12
+            )
+        got = runner.process(ProcessRequest(prompt=prompt, temperature=0, max_new_tokens=12))
+        assert got.text == tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+        echo = runner.process(ProcessRequest(prompt=prompt, echo_prompt=True, max_new_tokens=0))
+        # bf16 logits: the cached and uncached passes agree to bf16 precision, not exactly.
+        want = direct_logprobs(model, ids)
+        assert [t.logprob for t in echo.tokens[1:]] == pytest.approx(want.tolist(), abs=0.05)
+    sampled = ProcessRequest(prompt=PROMPTS[0], temperature=1.0, seed=5, max_new_tokens=10)
+    assert runner.process(sampled).tokens == runner.process(sampled).tokens
