@@ -6,8 +6,9 @@ web fonts), and every figure is a plain `Plotly.newPlot` call on it. The page re
 that may still be running; what is not there yet says "no data" instead of failing.
 
 Layout: summary (budget, outcomes, best trial, final run, warnings) -> search (importances,
-history, learning curves, parallel coordinates, slices, contour) -> budget (timeline,
-cumulative spend, throughput/memory, mixture, holdout) -> final run -> trial table.
+history, learning curves, parallel coordinates, slices, contour) -> where the budget went
+(timeline, cumulative spend, throughput/memory, mixture, holdout) -> final run -> trials.
+Data access lives in `report_data.py`, the figures in `report_figures.py`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from budgetune.engine.errors import UserInputError
 from budgetune.search import report_figures as figs
 from budgetune.search.report_data import (
     OUTCOMES,
-    TASK_PREFIX,
     ReportData,
+    as_float,
     collect,
+    holdout_score,
     outcome_of,
+    task_scores,
 )
 
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
@@ -53,6 +56,21 @@ th { background: #f1f3f5; } td.num { text-align: right; font-variant-numeric: ta
 .scroll { overflow-x: auto; max-height: 600px; }
 """
 
+_TRIAL_CATEGORIES = ("setup", "train", "eval")
+_CATEGORY_LABELS = {
+    "setup": "· trial setup",
+    "train": "· trial training",
+    "eval": "· trial evals",
+    "trial": "trials",
+    "final": "final run",
+    "overhead": "overhead (between trials)",
+}
+_BEST_ATTRS = ("val_loss", "search_score", "holdout_score", "cost_s", "tokens_per_s",
+               "peak_memory_bytes", "padding_fraction")  # fmt: skip
+_FINAL_KEYS = ("status", "reason", "trial", "val_loss", "objective", "search_score", "steps",
+               "tokens_seen", "train_s", "cost_s", "allotment_s", "tokens_per_s",
+               "peak_memory_bytes", "export_dir")  # fmt: skip
+
 
 def write_report(
     source: str,
@@ -63,25 +81,23 @@ def write_report(
 ) -> Path:
     """Write the HTML report (default: `<run dir>/report.html`) and optional table exports.
 
-    Returns the HTML path. Storage problems (no such run dir, several studies and no name)
-    raise `UserInputError` naming what was wrong.
+    Returns the page's path. Storage problems (no such run dir, several studies and no
+    name) raise `UserInputError` naming what was wrong.
     """
     data = collect(source, study_name)
     if out is None:
         out = (Path(source) if Path(source).is_dir() else Path.cwd()) / "report.html"
     out = Path(out)
-    _writable(out)
+    for path in (out, csv, parquet):
+        if path is not None and not Path(path).parent.is_dir():
+            raise UserInputError(f"{path}: folder {Path(path).parent} does not exist")
     out.write_text(render(data), encoding="utf-8")
     export_table(data, csv=csv, parquet=parquet)
     return out
 
 
 def report_command(
-    source: str,
-    study_name: str | None,
-    out: Path | None,
-    csv: Path | None,
-    parquet: Path | None,
+    source: str, study_name: str | None, out: Path | None, csv: Path | None, parquet: Path | None
 ) -> None:
     """`budgetune report`: write the page (and tables) and print where they are."""
     page = write_report(source, study_name, out, csv=csv, parquet=parquet)
@@ -91,16 +107,8 @@ def report_command(
             print(f"{kind}: {path}")
 
 
-def _writable(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise UserInputError(f"{path}: folder {path.parent} does not exist")
-
-
 def export_table(data: ReportData, csv: Path | None = None, parquet: Path | None = None) -> None:
     """Write the trial table; CSV and Parquet get exactly the same columns."""
-    for path in (csv, parquet):
-        if path is not None:
-            _writable(Path(path))
     if csv is not None:
         data.table.to_csv(csv, index=False)
     if parquet is not None:
@@ -136,22 +144,20 @@ def render(data: ReportData) -> str:
     title = f"budgetune report: {data.study.study_name}"
     body = [
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="meta">{html.escape(data.source)} · {data.phase} · {data.direction} '
-        f"{html.escape(figs.objective_name(data))} · generated "
+        f'<p class="meta">{html.escape(data.source)} · {html.escape(data.phase)} · '
+        f"{data.direction} {html.escape(data.objective_name())} · generated "
         f"{data.generated_at:%Y-%m-%d %H:%M:%S} UTC</p>",
         '<nav><a href="#summary">Summary</a><a href="#search">Search</a>'
         '<a href="#budget">Budget</a><a href="#final">Final run</a>'
         '<a href="#trials">Trials</a></nav>',
-        '<section id="summary"><h2>Summary</h2>',
-        _summary(data),
-        "</section>",
+        '<section id="summary"><h2>Summary</h2>', _summary(data), "</section>",
         '<section id="search"><h2>Search</h2>', *_figures(sections["search"]), "</section>",
         '<section id="budget"><h2>Where the budget went</h2>', *_figures(sections["budget"]),
         "</section>",
         '<section id="final"><h2>Final run</h2>', *_figures(sections["final"]),
-        _final_tasks(data), "</section>",
+        _final_tasks(data), _guard(data), "</section>",
         '<section id="trials"><h2>Trials</h2>', _trials(data), "</section>",
-    ]
+    ]  # fmt: skip
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -162,7 +168,7 @@ def render(data: ReportData) -> str:
         "</head><body>",
         *body,
         "</body></html>",
-    ])
+    ])  # fmt: skip
 
 
 def _figures(figures: Iterable[figs.Figure]) -> list[str]:
@@ -176,24 +182,12 @@ def _figures(figures: Iterable[figs.Figure]) -> list[str]:
     return out
 
 
-# --- summary ------------------------------------------------------------------------------
-
-_TRIAL_CATEGORIES = ("setup", "train", "eval")
-_CATEGORY_LABELS = {
-    "setup": "· trial setup",
-    "train": "· trial training",
-    "eval": "· trial evals",
-    "trial": "trials",
-    "final": "final run",
-    "overhead": "overhead (between trials)",
-}
+# --- tables -------------------------------------------------------------------------------
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        return f"{value:.4g}"
+        return "" if math.isnan(value) else f"{value:.4g}"
     return "" if value is None else str(value)
 
 
@@ -219,11 +213,15 @@ def _table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+# --- summary ------------------------------------------------------------------------------
+
+
 def spent_by_category(data: ReportData) -> dict[str, float]:
-    """GPU-seconds spent per ledger category (trials, evals, final, overhead, ...)."""
-    if data.ledger.empty:
+    """GPU-seconds spent per ledger category (setup, train, eval, final, overhead)."""
+    if data.spans.empty:
         return {}
-    return {str(k): float(v) for k, v in data.ledger.groupby("category")["seconds"].sum().items()}
+    sums = data.spans.groupby("category")["seconds"].sum()
+    return {str(k): float(v) for k, v in sums.items()}
 
 
 def outcome_counts(data: ReportData) -> dict[str, int]:
@@ -240,33 +238,42 @@ def report_warnings(data: ReportData) -> list[str]:
     n_done = len(data.completed)
     if n_done < figs.MIN_TRIALS_FOR_IMPORTANCE:
         out.append(f"Only {n_done} completed trials: parameter importances are unreliable below "
-                   f"{figs.MIN_TRIALS_FOR_IMPORTANCE}.")
+                   f"{figs.MIN_TRIALS_FOR_IMPORTANCE}.")  # fmt: skip
     frontier = figs.oom_frontier(data)
     if frontier:
         n_oom = sum(outcome_of(t) == "oom" for t in data.trials)
+        n_skip = sum(outcome_of(t) == "skipped" for t in data.trials)
         where = ", ".join(f"rank {r:g}: micro-batch ≥ {mb:g}" for r, mb in sorted(frontier.items()))
-        out.append(f"OOM frontier hit: {n_oom} trials ran out of memory ({where}). The search "
-                   "space reaches past what fits on this GPU.")
+        out.append(f"OOM frontier hit: {n_oom} trials ran out of memory ({where}) and {n_skip} "
+                   "more were skipped beyond it. The search space reaches past what fits on "
+                   "this GPU: narrow micro_batch or lora_rank.")  # fmt: skip
     n_div = sum(outcome_of(t) == "diverged" for t in data.trials)
     if n_div:
         out.append(f"{n_div} trials diverged: the learning-rate range may reach too high.")
     n_failed = sum(outcome_of(t) == "failed" for t in data.trials)
     if n_failed:
-        out.append(f"{n_failed} trials failed for other reasons: see the reason column below.")
-    out.extend(_overfitting_warnings(data))
+        out.append(f"{n_failed} trials failed for other reasons: see their reason in the table.")
+    out.extend(overfitting_warnings(data))
     spent = sum(spent_by_category(data).values())
     if data.budget_s is not None and spent > data.budget_s * 1.001:
         out.append(f"Spent {_duration(spent)} of a {_duration(data.budget_s)} budget.")
     return out
 
 
-def _overfitting_warnings(data: ReportData) -> list[str]:
-    """The evaluation module's overfitting guard, when that module is present."""
-    try:
-        from budgetune.search.evaluation import overfitting_warnings
-    except ImportError:
-        return []
-    return [str(w) for w in overfitting_warnings(data.trials)]
+def overfitting_warnings(data: ReportData) -> list[str]:
+    """The evaluation module's guard over every trial that ran holdout tasks, then the final."""
+    from budgetune.search.evaluation import GuardRow
+    from budgetune.search.evaluation import overfitting_warnings as guard
+
+    rows = [GuardRow(f"trial {t.number}", as_float(t.user_attrs.get("search_score")),
+                     holdout_score(t.user_attrs), t.value)
+            for t in sorted(data.completed, key=lambda t: t.number)
+            if holdout_score(t.user_attrs) is not None]  # fmt: skip
+    final_holdout = holdout_score(data.final)
+    if final_holdout is not None:
+        rows.append(GuardRow("final", as_float(data.final.get("search_score")), final_holdout,
+                             as_float(data.final.get("objective")), final=True))
+    return [f"Overfitting guard: {w}" for w in guard(rows)] if rows else []
 
 
 def _summary(data: ReportData) -> str:
@@ -278,79 +285,87 @@ def _summary(data: ReportData) -> str:
         return f"{seconds / budget:.1%}" if budget else ""
 
     rows: list[list[Any]] = [["budget", _duration(budget), share(budget or 0.0)]]
-    info = data.ledger_info
-    if info is not None and info.final_reserve_s is not None:
-        rows.append(["of which reserved for the final run", _duration(info.final_reserve_s),
-                     share(info.final_reserve_s)])
+    if data.ledger is not None and data.ledger.final_reserve_s is not None:
+        reserve = data.ledger.final_reserve_s
+        rows.append(["of which reserved for the final run", _duration(reserve), share(reserve)])
     trial_total = sum(spent.get(c, 0.0) for c in _TRIAL_CATEGORIES)
-    if trial_total and "trial" not in spent:
+    if trial_total:
         rows.append(["trials (setup + training + evals)", _duration(trial_total),
                      share(trial_total)])
-    for category, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
-        rows.append([_CATEGORY_LABELS.get(category, category), _duration(seconds),
-                     share(seconds)])
+    order = [c for c in (*_TRIAL_CATEGORIES, "trial", "final", "overhead") if c in spent]
+    for category in order + sorted(set(spent) - set(order)):
+        rows.append([_CATEGORY_LABELS.get(category, category), _duration(spent[category]),
+                     share(spent[category])])
     rows.append(["spent", _duration(total), share(total)])
     if budget:
-        rows.append(["left", _duration(max(budget - total, 0.0)),
-                     f"{max(budget - total, 0.0) / budget:.1%}"])
-    budget_html = _table(["", "GPU time", "of budget"], rows)
-    counts = outcome_counts(data)
-    trials_html = _table(["outcome", "trials"], [*counts.items(), ["total", len(data.trials)]])
-    best = data.best_trial()
-    if best is None:
-        best_html = "<p>No completed trial yet.</p>"
-    else:
-        attrs = ["cost_s", "tokens_per_s", "peak_memory_bytes", "search_score", "holdout_score"]
-        best_html = (f"<p>Trial {best.number}: {html.escape(figs.objective_name(data))} = "
-                     f"{best.value:.5g}</p>"
-                     + _table(["parameter", "value"], sorted(best.params.items()))
-                     + _table(["attribute", "value"],
-                              [(a, best.user_attrs[a]) for a in attrs if a in best.user_attrs]))
-    final = {k: v for k, v in data.final.items() if not isinstance(v, dict | list)}
-    final_html = (_table(["final run", "value"], sorted(final.items())) if final
-                  else "<p>The final run has not run yet.</p>")
+        rows.append(["left", _duration(max(budget - total, 0.0)), share(max(budget - total, 0))])
+    counts = [*outcome_counts(data).items(), ("total", len(data.trials))]
+    parts = [
+        f"<div><h3>Budget</h3>{_table(['', 'GPU time', 'of budget'], rows)}</div>",
+        f"<div><h3>Trials</h3>{_table(['outcome', 'trials'], counts)}</div>",
+        f"<div><h3>Best trial</h3>{_best(data)}</div>",
+        f"<div><h3>Final run</h3>{_final(data)}</div>",
+    ]
     warnings = report_warnings(data)
     warn_html = ("".join(f'<div class="warn">{html.escape(w)}</div>' for w in warnings)
-                 if warnings else '<p class="ok">No warnings.</p>')
-    return (f'<div class="cards"><div><h3>Budget</h3>{budget_html}</div>'
-            f"<div><h3>Trials</h3>{trials_html}</div>"
-            f"<div><h3>Best trial</h3>{best_html}</div>"
-            f"<div><h3>Final run</h3>{final_html}</div></div>"
-            f"<h3>Warnings</h3>{warn_html}")
+                 if warnings else '<p class="ok">No warnings.</p>')  # fmt: skip
+    return f'<div class="cards">{"".join(parts)}</div><h3>Warnings</h3>{warn_html}'
 
 
-def final_task_scores(data: ReportData) -> list[tuple[str, str, float]]:
-    """(task, metric, value) of the final run's full evaluation."""
-    rows: list[tuple[str, str, float]] = []
-    tasks = data.final.get("tasks")
-    if isinstance(tasks, dict):
-        for task, metrics in tasks.items():
-            if isinstance(metrics, dict):
-                rows += [(task, m, v) for m, v in metrics.items() if isinstance(v, int | float)]
-    for key, value in data.final.items():
-        if key.startswith(TASK_PREFIX) and isinstance(value, int | float):
-            task, _, metric = key[len(TASK_PREFIX):].rpartition(".")
-            rows.append((task or metric, metric if task else "score", value))
-    return sorted(set(rows))
+def _best(data: ReportData) -> str:
+    best = data.best_trial()
+    if best is None:
+        return "<p>No completed trial yet.</p>"
+    attrs = [(a, best.user_attrs[a]) for a in _BEST_ATTRS if a in best.user_attrs]
+    attrs += sorted((k, v) for k, v in best.user_attrs.items() if k.startswith("weight."))
+    return (f"<p>Trial {best.number}: {html.escape(data.objective_name())} = "
+            f"{best.value:.5g}</p>" + _table(["parameter", "value"], sorted(best.params.items()))
+            + _table(["measured", "value"], attrs))  # fmt: skip
+
+
+def _final(data: ReportData) -> str:
+    if not data.final:
+        return "<p>The final run has not run yet.</p>"
+    rows = [(k, data.final[k]) for k in _FINAL_KEYS if k in data.final]
+    params = data.final.get("params")
+    if isinstance(params, dict):
+        rows += sorted((f"params.{k}", v if not isinstance(v, dict) else ", ".join(
+            f"{s}={as_float(w) or 0:.2f}" for s, w in v.items())) for k, v in params.items())
+    return _table(["final run", "value"], rows)
 
 
 def _final_tasks(data: ReportData) -> str:
-    rows = final_task_scores(data)
-    if not rows:
-        return "<p>No per-task evaluation of the final run yet.</p>"
+    scores = task_scores(data.final.get("tasks"))
+    holdout = data.final.get("holdout")
+    if isinstance(holdout, dict):
+        scores.update({f"holdout: {k}": v for k, v in task_scores(holdout.get("tasks")).items()})
+    if not scores:
+        why = "no final run yet" if not data.final else "the study's [eval] has no final tasks"
+        return f"<h3>Per-task evaluation</h3><p>No per-task scores ({why}).</p>"
+    rows = [(*key.rsplit(".", 1), value) for key, value in sorted(scores.items())]
     return "<h3>Per-task evaluation</h3>" + _table(["task", "metric", "value"], rows)
+
+
+def _guard(data: ReportData) -> str:
+    rows = figs.guard_rows(data, n_best=len(data.trials))
+    if not rows:
+        return ""
+    table = [(r["label"], r["objective"], r["search"], r["holdout"],
+              None if r["search"] is None else r["search"] - r["holdout"]) for r in rows]
+    return ("<h3>Search vs holdout (overfitting guard)</h3>"
+            + _table(["model", "objective", "search score", "holdout score", "gap"], table))
 
 
 def _trials(data: ReportData) -> str:
     table = data.table
     if table.empty:
         return "<p>No trials yet.</p>"
-    shown = table.drop(columns=[c for c in ("datetime_start", "datetime_complete") if c in table])
+    shown = table.drop(columns=["datetime_start", "datetime_complete"])
     header = [c.removeprefix("params_").removeprefix("user_attrs_") for c in shown.columns]
     rows = ([None if _missing(v) else v for v in row] for row in shown.itertuples(index=False))
-    return ('<p class="note">The same table is exported by <code>--csv</code> and '
-            f'<code>--parquet</code> (with start/complete times).</p><div class="scroll">'
-            f"{_table(header, rows)}</div>")
+    return ('<p class="note">The same table, with start and end times, is exported by '
+            "<code>--csv</code> and <code>--parquet</code>.</p>"
+            f'<div class="scroll">{_table(header, rows)}</div>')  # fmt: skip
 
 
 def _missing(value: Any) -> bool:

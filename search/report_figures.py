@@ -11,7 +11,6 @@ page's layout is the same for every study.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from budgetune.search.report_data import (
     PARAM_MICRO_BATCH,
     PARAM_RANK,
     ReportData,
+    as_float,
+    holdout_score,
     outcome_of,
 )
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
@@ -43,10 +44,13 @@ COLOURS = {
     "oom": "#e63946",
     "diverged": "#f4a261",
     "failed": "#6d597a",
+    "skipped": "#f1a7ad",
+    "continued": "#a8dadc",
     "running": "#457b9d",
     "waiting": "#adb5bd",
-    "eval": "#e9c46a",
     "setup": "#b5838d",
+    "train": "#2a9d8f",
+    "eval": "#e9c46a",
     "final": "#264653",
     "overhead": "#ced4da",
 }
@@ -71,28 +75,25 @@ class Figure:
 def has_points(fig: go.Figure) -> bool:
     """True when some trace has at least one point to draw."""
     for trace in fig.data:
-        for axis in ("x", "y", "values", "dimensions", "z"):
+        for axis in ("x", "y", "z", "values", "dimensions"):
             values = getattr(trace, axis, None)
             if values is not None and len(values) > 0:
                 return True
     return False
 
 
-def _empty(title: str, why: str) -> go.Figure:
+def _empty(key: str, title: str, why: str) -> Figure:
     fig = go.Figure()
     fig.update_layout(
-        title=title,
-        xaxis={"visible": False},
-        yaxis={"visible": False},
+        title=title, height=260, xaxis={"visible": False}, yaxis={"visible": False},
         annotations=[{"text": f"no data: {why}", "showarrow": False, "font": {"size": 16},
                       "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}],
-        height=260,
-    )
-    return fig
+    )  # fmt: skip
+    return Figure(key, title, fig, f"No data: {why}.")
 
 
 def _quiet(build: Callable[[], Any]) -> Any:
-    """Run an optuna plot/evaluator without its warnings and log lines (they go to the note)."""
+    """Run an optuna plot/evaluator without its warnings and log lines (notes say it better)."""
     logger = optuna.logging.get_logger("optuna")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -104,15 +105,6 @@ def _quiet(build: Callable[[], Any]) -> Any:
         logger.setLevel(level)
 
 
-def objective_name(data: ReportData) -> str:
-    """What the study optimizes, as the driver named it (for axis titles)."""
-    for key in ("objective", "objective_name", "metric"):
-        name = data.study_attrs.get(key)
-        if isinstance(name, str) and name:
-            return name
-    return "objective"
-
-
 def _time_unit(max_s: float) -> tuple[float, str]:
     if max_s >= 3 * 3600:
         return 3600.0, "h"
@@ -121,78 +113,72 @@ def _time_unit(max_s: float) -> tuple[float, str]:
     return 1.0, "s"
 
 
-def _num(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(out) else out
-
-
 # --- search -------------------------------------------------------------------------------
 
 
 def compute_importances(data: ReportData) -> dict[str, dict[str, float]]:
-    """PED-ANOVA and fANOVA importances (empty dicts when they cannot be computed)."""
-    out: dict[str, dict[str, float]] = {}
+    """PED-ANOVA and fANOVA importances by parameter (empty when they cannot be computed)."""
     evaluators = {
         "PED-ANOVA": PedAnovaImportanceEvaluator(),
         "fANOVA": FanovaImportanceEvaluator(seed=IMPORTANCE_SEED),
     }
+    out: dict[str, dict[str, float]] = {}
     for name, evaluator in evaluators.items():
+        out[name] = {}
         if len(data.completed) < 2:
-            out[name] = {}
             continue
         try:
             out[name] = _quiet(lambda e=evaluator: optuna.importance.get_param_importances(
-                data.study, evaluator=e))
+                data.study, evaluator=e))  # fmt: skip
         except (ValueError, RuntimeError, ZeroDivisionError):
-            out[name] = {}
+            pass  # e.g. every completed trial has the same value: nothing to attribute
     return out
 
 
 def importance_figure(data: ReportData, importances: dict[str, dict[str, float]]) -> Figure:
+    title = "Parameter importances"
     n = len(data.completed)
     note = (f"Computed from {n} completed trials; fANOVA uses seed {IMPORTANCE_SEED}. "
             "PED-ANOVA asks which parameters set the best trials apart; fANOVA asks which "
-            "explain the objective's variance overall.")
+            "explain the objective's variance overall.")  # fmt: skip
     if n < MIN_TRIALS_FOR_IMPORTANCE:
         note = (f"Only {n} completed trials (fewer than {MIN_TRIALS_FOR_IMPORTANCE}): these "
-                "importances mean little yet. " + note)
+                "importances mean little yet. " + note)  # fmt: skip
     if not any(importances.values()):
-        return Figure("importance", "Parameter importances",
-                      _empty("Parameter importances", "fewer than 2 completed trials"), note)
+        empty = _empty("importance", title, "needs 2 completed trials with different values")
+        empty.note = note
+        return empty
     names = list(importances)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.2)
     for col, name in enumerate(names, start=1):
         ranked = sorted(importances[name].items(), key=lambda kv: kv[1])
-        fig.add_trace(go.Bar(x=[v for _, v in ranked], y=[k for k, _ in ranked], orientation="h",
-                             name=name, marker_color="#457b9d" if col == 1 else "#2a9d8f",
-                             hovertemplate="%{y}: %{x:.3f}<extra>" + name + "</extra>"),
-                      row=1, col=col)
+        fig.add_trace(go.Bar(
+            x=[v for _, v in ranked], y=[k for k, _ in ranked], orientation="h", name=name,
+            marker_color="#457b9d" if col == 1 else "#2a9d8f",
+            hovertemplate="%{y}: %{x:.3f}<extra>" + name + "</extra>"), row=1, col=col)
         fig.update_xaxes(title_text="importance (normalized)", row=1, col=col)
-    fig.update_layout(title="Parameter importances", showlegend=False, height=380)
-    return Figure("importance", "Parameter importances", fig, note)
+    fig.update_layout(title=title, showlegend=False, height=380)
+    return Figure("importance", title, fig, note)
 
 
 def _optuna_plot(
     data: ReportData, key: str, title: str, build: Callable[[], go.Figure], note: str = ""
 ) -> Figure:
     if not data.completed:
-        return Figure(key, title, _empty(title, "no completed trial yet"), note)
+        return _empty(key, title, "no completed trial yet")
     try:
         fig = _quiet(build)
     except (ValueError, RuntimeError) as e:
-        return Figure(key, title, _empty(title, str(e)), note)
+        return _empty(key, title, str(e))
     # Optuna fixes some widths (300 px per slice); the page is responsive instead.
     fig.update_layout(title=title, width=None, autosize=True)
     if not has_points(fig):
-        return Figure(key, title, _empty(title, "not enough completed trials"), note)
+        return _empty(key, title, "not enough completed trials")
     return Figure(key, title, fig, note)
 
 
 def history_figure(data: ReportData) -> Figure:
-    name = objective_name(data)
+    name = data.objective_name()
     return _optuna_plot(
         data, "history", "Optimization history",
         lambda: optuna.visualization.plot_optimization_history(data.study, target_name=name),
@@ -200,14 +186,14 @@ def history_figure(data: ReportData) -> Figure:
 
 
 def parallel_figure(data: ReportData) -> Figure:
-    name = objective_name(data)
+    name = data.objective_name()
     return _optuna_plot(
         data, "parallel", "Parallel coordinates",
         lambda: optuna.visualization.plot_parallel_coordinate(data.study, target_name=name))
 
 
 def slice_figure(data: ReportData) -> Figure:
-    name = objective_name(data)
+    name = data.objective_name()
     return _optuna_plot(
         data, "slice", "Slices",
         lambda: optuna.visualization.plot_slice(data.study, target_name=name))
@@ -218,12 +204,12 @@ def contour_figure(data: ReportData, importances: dict[str, dict[str, float]]) -
     ranking = importances.get("fANOVA") or importances.get("PED-ANOVA") or {}
     top = [p for p, _ in sorted(ranking.items(), key=lambda kv: -kv[1])][:2]
     if len(top) < 2:
-        return Figure("contour", title, _empty(title, "needs importances over two parameters"))
-    name = objective_name(data)
+        return _empty("contour", title, "needs importances over two parameters")
+    name = data.objective_name()
     return _optuna_plot(
         data, "contour", f"Contour: {top[0]} vs {top[1]}",
         lambda: optuna.visualization.plot_contour(data.study, params=top, target_name=name),
-        "Parameters ranked by fANOVA importance.")
+        "The two parameters fANOVA ranks highest.")
 
 
 def learning_curves_figure(data: ReportData) -> Figure:
@@ -238,18 +224,16 @@ def learning_curves_figure(data: ReportData) -> Figure:
         outcome = outcome_of(t)
         steps = sorted(curve)
         fig.add_trace(go.Scatter(
-            x=steps, y=[curve[s] for s in steps], mode="lines+markers",
-            line={"color": COLOURS.get(outcome, "#333"), "width": 1.5},
-            marker={"size": 4}, opacity=0.8, name=outcome, legendgroup=outcome,
-            showlegend=outcome not in shown,
+            x=steps, y=[curve[s] for s in steps], mode="lines+markers", opacity=0.8,
+            line={"color": COLOURS.get(outcome, "#333"), "width": 1.5}, marker={"size": 4},
+            name=outcome, legendgroup=outcome, showlegend=outcome not in shown,
             hovertemplate=f"trial {t.number} ({outcome})<br>step %{{x}}<br>%{{y:.4f}}"
-            "<extra></extra>",
-        ))
+            "<extra></extra>"))  # fmt: skip
         shown.add(outcome)
     if not fig.data:
-        return Figure("curves", title, _empty(title, "no trial has reported yet"))
+        return _empty("curves", title, "no trial has reported yet")
     # Log scale: a diverged curve shoots up by orders of magnitude and would flatten the rest.
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="validation loss",
+    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="validation loss",
                       yaxis_type="log", legend_title="outcome", height=420)
     return Figure("curves", title, fig, "Pruned trials stop early; OOM and diverged trials end "
                   "where the failure hit.")
@@ -258,224 +242,242 @@ def learning_curves_figure(data: ReportData) -> Figure:
 # --- budget -------------------------------------------------------------------------------
 
 
-def _span_label(row: Any) -> str:
-    if row.category in ("trial", "train") and isinstance(row.outcome, str) and row.outcome:
-        return row.outcome
-    return str(row.category)
+def _span_label(category: str, outcome: str) -> str:
+    """Training time is coloured by how its trial ended; the rest by what it was."""
+    return outcome if category in ("train", "trial") and outcome else category
 
 
 def timeline_figure(data: ReportData) -> Figure:
     """A Gantt of who held which GPU when: trials by outcome, evals, the final run, overhead."""
     title = "Timeline of GPU time"
-    spans = data.ledger
+    spans = data.spans
     if spans.empty:
-        return Figure("timeline", title, _empty(title, "no trial has started yet"))
-    scale, unit = _time_unit(float(spans["end_s"].max()))
+        return _empty("timeline", title, "no GPU time spent yet")
+    scale, unit = _time_unit(float(spans.end_s.max()))
+    labels = [_span_label(c, o) for c, o in zip(spans.category, spans.outcome, strict=True)]
+    spans = spans.assign(label=labels)
+    known = (*OUTCOMES, "setup", "eval", "final", "overhead")
+    order = [x for x in known if x in set(labels)] + sorted(set(labels) - set(known))
     fig = go.Figure()
-    spans = spans.assign(label=[_span_label(r) for r in spans.itertuples()])
-    order = [o for o in (*OUTCOMES, "eval", "setup", "final", "overhead") if o in set(spans.label)]
-    order += sorted(set(spans.label) - set(order))
     for label in order:
         part = spans[spans.label == label]
-        text = [f"trial {int(t)}" if _num(t) is not None else c
+        what = [f"trial {int(t)} {c}" if as_float(t) is not None else c
                 for t, c in zip(part.trial, part.category, strict=True)]
         fig.add_trace(go.Bar(
-            y=part.worker, base=part.start_s / scale, x=(part.end_s - part.start_s) / scale,
-            orientation="h", name=label, marker_color=COLOURS.get(label, "#999"),
-            customdata=list(zip(text, part.seconds, strict=True)),
-            hovertemplate="%{customdata[0]}<br>%{customdata[1]:.0f} GPU-s<extra>" + label
-            + "</extra>",
-        ))
-    fig.update_layout(title=title, barmode="overlay", xaxis_title=f"time since start ({unit})",
-                      yaxis_title="worker", height=260 + 40 * spans.worker.nunique(),
-                      legend_title="what ran")
-    src = ("budget ledger" if data.ledger_source == "ledger"
-           else "trial start/end times (no ledger in this storage)")
-    return Figure("timeline", title, fig, f"From the {src}.")
+            y=part.worker, base=part.start_s / scale, x=part.seconds / scale, orientation="h",
+            name=label, marker_color=COLOURS.get(label, "#999"),
+            customdata=list(zip(what, part.seconds, strict=True)),
+            hovertemplate="%{customdata[0]}<br>%{customdata[1]:.1f} GPU-s<extra>" + label
+            + "</extra>"))  # fmt: skip
+    from_ledger = data.ledger is not None and bool(data.ledger.entries)
+    axis = "GPU time" if from_ledger else "wall time since the first trial"
+    fig.update_layout(title=title, barmode="overlay", xaxis_title=f"{axis} ({unit})",
+                      yaxis_title="worker", height=max(380, 200 + 40 * spans.worker.nunique()),
+                      legend_title="what ran")  # fmt: skip
+    note = ("From the budget ledger: each worker's slices laid end to end (time no worker "
+            "ran is not spent, so not shown)." if from_ledger else
+            "From trial start/end times: this storage has no budget ledger.")  # fmt: skip
+    return Figure("timeline", title, fig, note)
 
 
 def spend_figure(data: ReportData) -> Figure:
-    """Cumulative GPU-seconds spent, by category and in total, against the budget."""
+    """Cumulative GPU-seconds spent, in total and by category, against the budget."""
     title = "Cumulative spend against the budget"
-    spans = data.ledger.sort_values("end_s")
+    spans = data.spans.sort_values("end_s", kind="stable")
     if spans.empty:
-        return Figure("spend", title, _empty(title, "nothing spent yet"))
+        return _empty("spend", title, "nothing spent yet")
     top = max(float(spans.seconds.sum()), data.budget_s or 0.0)
     scale, unit = _time_unit(max(float(spans.end_s.max()), top))
     fig = go.Figure()
-    x = [0.0, *(spans.end_s / scale)]
-    fig.add_trace(go.Scatter(x=x, y=[0.0, *(spans.seconds.cumsum() / scale)], mode="lines",
-                             line={"shape": "hv", "width": 3, "color": "#1d3557"}, name="total"))
+    fig.add_trace(go.Scatter(
+        x=[0.0, *(spans.end_s / scale)], y=[0.0, *(spans.seconds.cumsum() / scale)],
+        mode="lines", line={"shape": "hv", "width": 3, "color": "#1d3557"}, name="total"))
     for category in sorted(set(spans.category)):
         part = spans[spans.category == category]
         fig.add_trace(go.Scatter(
             x=[0.0, *(part.end_s / scale)], y=[0.0, *(part.seconds.cumsum() / scale)],
             mode="lines", line={"shape": "hv", "color": COLOURS.get(category)}, name=category))
-    note = "GPU time attributed by the ledger." if data.ledger_source == "ledger" else (
-        "Estimated from trial costs (no ledger in this storage).")
+    note = "Seconds as the ledger attributed them." if data.ledger is not None else (
+        "Estimated from trial costs: this storage has no budget ledger.")
     if data.budget_s is not None:
-        fig.add_hline(y=data.budget_s / scale, line_dash="dash", line_color="#e63946",
+        fig.add_hline(y=data.budget_s / scale, line_dash="dash", line_color=COLOURS["oom"],
                       annotation_text=f"budget {data.budget_s / scale:.3g} {unit}")
+        reserve = data.ledger.final_reserve_s if data.ledger is not None else None
+        if reserve:
+            fig.add_hline(y=(data.budget_s - reserve) / scale, line_dash="dot",
+                          line_color="#6c757d", annotation_text="search share")
     else:
-        note += " The study snapshot gives no budget, so no budget line."
-    fig.update_layout(title=title, xaxis_title=f"time since start ({unit})",
-                      yaxis_title=f"GPU time spent ({unit})", height=400)
+        note += " The study gives no budget, so there is no budget line."
+    fig.update_layout(title=title, xaxis_title=f"GPU time ({unit})",
+                      yaxis_title=f"spent ({unit})", height=400)
     return Figure("spend", title, fig, note)
-
-
-def trial_setting(t: FrozenTrial, name: str) -> float | None:
-    """A numeric setting of a trial: searched (a param) or fixed (recorded as a user attr)."""
-    return _num(t.params.get(name, t.user_attrs.get(name)))
-
-
-def _attr_points(data: ReportData, attr: str) -> list[tuple[FrozenTrial, float, float, float]]:
-    """(trial, micro_batch, rank, attr value) for trials that recorded all three."""
-    out = []
-    for t in data.trials:
-        mb, rank = trial_setting(t, PARAM_MICRO_BATCH), trial_setting(t, PARAM_RANK)
-        value = _num(t.user_attrs.get(attr))
-        if mb is not None and rank is not None and value is not None:
-            out.append((t, mb, rank, value))
-    return out
 
 
 def oom_frontier(data: ReportData) -> dict[float, float]:
     """For each LoRA rank, the smallest micro-batch that ran out of memory."""
     frontier: dict[float, float] = {}
     for t in data.trials:
-        mb, rank = trial_setting(t, PARAM_MICRO_BATCH), trial_setting(t, PARAM_RANK)
+        mb, rank = data.setting(t, PARAM_MICRO_BATCH), data.setting(t, PARAM_RANK)
         if outcome_of(t) == "oom" and mb is not None and rank is not None:
             frontier[rank] = min(frontier.get(rank, mb), mb)
     return frontier
 
 
+def _settings(data: ReportData, t: FrozenTrial) -> tuple[float | None, float | None]:
+    return data.setting(t, PARAM_MICRO_BATCH), data.setting(t, PARAM_RANK)
+
+
 def hardware_figure(data: ReportData) -> Figure:
     """Throughput and peak memory against micro-batch and rank, with the OOM frontier."""
     title = "Throughput and peak memory vs micro-batch and LoRA rank"
-    speed = [p for p in _attr_points(data, "tokens_per_s") if outcome_of(p[0]) != "oom"]
-    memory = _attr_points(data, "peak_memory_bytes")
+    ran = [(t, *_settings(data, t)) for t in data.trials]
+    ran = [r for r in ran if r[1] is not None and r[2] is not None]
+    panels = {1: "tokens_per_s", 2: "peak_memory_bytes"}
+    measured = [r for r in ran if any(as_float(r[0].user_attrs.get(a)) is not None
+                                      for a in panels.values())]
     frontier = oom_frontier(data)
-    if not speed and not memory and not frontier:
-        return Figure("hardware", title, _empty(
-            title, f"no trial recorded {PARAM_MICRO_BATCH}/{PARAM_RANK} with tokens_per_s or "
-            "peak_memory_bytes"))
+    if not measured and not frontier:
+        return _empty("hardware", title, f"no trial recorded {PARAM_MICRO_BATCH} and "
+                      f"{PARAM_RANK} with tokens_per_s or peak_memory_bytes")
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
-        "tokens/s", "peak memory (GiB)", "what fits (× = OOM)"))
-    ranks = sorted({p[2] for p in speed + memory} | set(frontier))
+        "tokens/s", "peak memory (GiB)", "what fits (× = out of memory)"))
     palette = ["#264653", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#457b9d", "#6d597a"]
-    for i, rank in enumerate(ranks):
-        colour = palette[i % len(palette)]
-        for col, points in ((1, speed), (2, memory)):
-            pts = [p for p in points if p[2] == rank]
+    for i, rank in enumerate(sorted({r[2] for r in measured})):
+        for col, attr in panels.items():
+            pts = [(t, mb, as_float(t.user_attrs.get(attr))) for t, mb, rk in measured
+                   if rk == rank and as_float(t.user_attrs.get(attr)) is not None
+                   and not (attr == "tokens_per_s" and outcome_of(t) == "oom")]
             if not pts:
                 continue
-            scale = 1.0 if col == 1 else 2**-30
+            scale = 1.0 if col == 1 else 2.0**-30
             fig.add_trace(go.Scatter(
-                x=[p[1] for p in pts], y=[p[3] * scale for p in pts], mode="markers",
+                x=[p[1] for p in pts], y=[p[2] * scale for p in pts], mode="markers",
                 name=f"rank {rank:g}", legendgroup=f"rank {rank:g}", showlegend=col == 1,
-                marker={"color": colour, "size": 9,
-                        "symbol": ["x" if outcome_of(p[0]) == "oom" else "circle" for p in pts]},
+                marker={"color": palette[i % len(palette)], "size": 9, "symbol": [
+                    "x" if outcome_of(p[0]) == "oom" else "circle" for p in pts]},
                 text=[f"trial {p[0].number} ({outcome_of(p[0])})" for p in pts],
                 hovertemplate="%{text}<br>micro-batch %{x}<br>%{y:.3g}<extra></extra>",
-            ), row=1, col=col)
-    tried = [(t, trial_setting(t, PARAM_MICRO_BATCH), trial_setting(t, PARAM_RANK))
-             for t in data.trials]
-    tried = [x for x in tried if x[1] is not None and x[2] is not None]
-    for oom in (False, True):
-        pts = [x for x in tried if (outcome_of(x[0]) == "oom") == oom]
+            ), row=1, col=col)  # fmt: skip
+    for kind, symbol, colour in (("fits", "circle", COLOURS["complete"]),
+                                 ("skipped", "diamond-open", COLOURS["oom"]),
+                                 ("oom", "x", COLOURS["oom"])):  # fmt: skip
+        pts = [r for r in ran if (outcome_of(r[0]) if outcome_of(r[0]) in ("oom", "skipped")
+                                  else "fits") == kind]
         if pts:
             fig.add_trace(go.Scatter(
                 x=[p[1] for p in pts], y=[p[2] for p in pts], mode="markers",
-                name="out of memory" if oom else "fits", showlegend=oom,
-                marker={"symbol": "x" if oom else "circle", "size": 10 if oom else 7,
-                        "color": COLOURS["oom"] if oom else COLOURS["complete"]},
+                name={"fits": "fits", "oom": "out of memory",
+                      "skipped": "skipped (beyond the frontier)"}[kind],
+                showlegend=kind != "fits", marker={"symbol": symbol, "size": 10, "color": colour},
                 text=[f"trial {p[0].number}" for p in pts],
                 hovertemplate="%{text}<br>micro-batch %{x}, rank %{y}<extra></extra>",
-            ), row=1, col=3)
+            ), row=1, col=3)  # fmt: skip
     if frontier:
-        ranks_f = sorted(frontier)
+        ranks = sorted(frontier)
         fig.add_trace(go.Scatter(
-            x=[frontier[r] for r in ranks_f], y=ranks_f, mode="lines+markers",
-            line={"dash": "dash", "color": COLOURS["oom"]}, name="OOM frontier",
+            x=[frontier[r] for r in ranks], y=ranks, mode="lines+markers", name="OOM frontier",
+            line={"dash": "dash", "color": COLOURS["oom"]},
             hovertemplate="rank %{y}: OOM from micro-batch %{x}<extra></extra>"), row=1, col=3)
+    # Micro-batches and ranks are powers of two: log axes ticked at the values tried.
+    batches = sorted({r[1] for r in ran})
     for col in (1, 2, 3):
-        fig.update_xaxes(title_text="micro-batch", type="log", row=1, col=col)
-    fig.update_yaxes(title_text="LoRA rank", type="log", row=1, col=3)
-    fig.update_layout(title=title, height=420, legend_title="LoRA rank")
+        fig.update_xaxes(title_text="micro-batch", type="log", tickvals=batches, row=1, col=col)
+    fig.update_yaxes(title_text="LoRA rank", type="log", tickvals=sorted({r[2] for r in ran}),
+                     row=1, col=3)
+    fig.update_layout(title=title, height=420)
     note = ("The dashed line is the OOM frontier: for each rank, the smallest micro-batch that "
             "ran out of memory." if frontier else "No trial ran out of memory.")
     return Figure("hardware", title, fig, note)
 
 
+def _mix_shares(t: FrozenTrial) -> dict[str, float]:
+    """A trial's normalized mixture: the driver's `weight.<source>`, else its mix params."""
+    shares = {k[len("weight."):]: as_float(v) for k, v in t.user_attrs.items()
+              if k.startswith("weight.") and as_float(v) is not None}
+    if shares:
+        return shares  # type: ignore[return-value]
+    raw = {k[len(MIX_PREFIX):]: as_float(v) or 0.0 for k, v in t.params.items()
+           if k.startswith(MIX_PREFIX)}  # fmt: skip
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()} if total > 0 else {}
+
+
 def mix_figure(data: ReportData) -> Figure:
     """Each source's share of the mixture against the objective, one marker per trial."""
     title = "Dataset-mix weights vs objective"
-    name = objective_name(data)
     sources = data.mix_sources()
     if not sources:
-        return Figure("mix", title, _empty(title, f"no {MIX_PREFIX}<source> parameter"))
+        return _empty("mix", title, f"the study does not search the mixture ({MIX_PREFIX}*)")
     if not data.completed:
-        return Figure("mix", title, _empty(title, "no completed trial yet"))
+        return _empty("mix", title, "no completed trial yet")
     fig = make_subplots(rows=1, cols=len(sources), shared_yaxes=True, subplot_titles=sources,
                         horizontal_spacing=0.04)
     for col, source in enumerate(sources, start=1):
-        xs, ys, text = [], [], []
-        for t in data.completed:
-            weights = {k: _num(v) or 0.0 for k, v in t.params.items() if k.startswith(MIX_PREFIX)}
-            total = sum(weights.values())
-            if total > 0 and f"{MIX_PREFIX}{source}" in weights:
-                xs.append(weights[f"{MIX_PREFIX}{source}"] / total)
-                ys.append(t.value)
-                text.append(f"trial {t.number}")
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=source, text=text,
-                                 marker={"size": 8, "color": COLOURS["complete"]},
-                                 hovertemplate="%{text}<br>share %{x:.2f}<br>%{y:.4f}"
-                                 "<extra></extra>"), row=1, col=col)
+        pts = [(_mix_shares(t).get(source), t) for t in data.completed]
+        pts = [(share, t) for share, t in pts if share is not None]
+        fig.add_trace(go.Scatter(
+            x=[s for s, _ in pts], y=[t.value for _, t in pts], mode="markers", name=source,
+            text=[f"trial {t.number}" for _, t in pts],
+            marker={"size": 8, "color": COLOURS["complete"]},
+            hovertemplate="%{text}<br>share %{x:.2f}<br>%{y:.4f}<extra></extra>"),
+            row=1, col=col)  # fmt: skip
         fig.update_xaxes(title_text="share", range=[0, 1], row=1, col=col)
-    fig.update_yaxes(title_text=name, row=1, col=1)
+    fig.update_yaxes(title_text=data.objective_name(), row=1, col=1)
     fig.update_layout(title=title, showlegend=False, height=380)
-    return Figure("mix", title, fig, "Share = the source's weight over the sum of the trial's "
+    return Figure("mix", title, fig, "Share: the source's weight over the sum of the trial's "
                   "weights (the mixture is normalized).")
 
 
-def holdout_figure(data: ReportData, n_best: int = 10) -> Figure:
-    """Search-task vs holdout-task scores of the best trials: does the search overfit its tasks?"""
-    title = f"Search vs holdout scores of the {n_best} best trials"
-    best = [t for t in data.top_trials(n_best)
-            if _num(t.user_attrs.get("search_score")) is not None
-            or _num(t.user_attrs.get("holdout_score")) is not None]
-    if not best:
-        return Figure("holdout", title, _empty(
-            title, "no completed trial recorded search_score or holdout_score"))
+def guard_rows(data: ReportData, n_best: int = 10) -> list[dict[str, Any]]:
+    """Search and holdout scores of the best trials with a holdout run, then the final model."""
+    rows = []
+    for t in sorted(data.top_trials(n_best), key=lambda t: t.number):
+        hold = holdout_score(t.user_attrs)
+        if hold is not None:
+            rows.append({"label": f"trial {t.number}", "objective": t.value, "holdout": hold,
+                         "search": as_float(t.user_attrs.get("search_score")), "final": False})
+    hold = holdout_score(data.final)
+    if hold is not None:
+        rows.append({"label": "final", "objective": as_float(data.final.get("objective")),
+                     "holdout": hold, "search": as_float(data.final.get("search_score")),
+                     "final": True})  # fmt: skip
+    return rows
+
+
+def holdout_figure(data: ReportData) -> Figure:
+    """Search-task vs holdout-task scores: does the search overfit its own tasks?"""
+    title = "Search vs holdout scores of the best trials"
+    rows = guard_rows(data)
+    if not rows:
+        return _empty("holdout", title, "no trial ran holdout tasks (the study's [eval] has "
+                      "no holdout section, or no trial ranked high enough yet)")
     fig = go.Figure()
-    labels = [f"#{t.number}" for t in best]
-    for attr, colour in (("search_score", "#457b9d"), ("holdout_score", "#e76f51")):
-        fig.add_trace(go.Bar(x=labels, y=[_num(t.user_attrs.get(attr)) for t in best],
-                             name=attr.replace("_", " "), marker_color=colour))
-    fig.update_layout(title=title, barmode="group", xaxis_title="trial (best first)",
-                      yaxis_title="score", height=380)
-    return Figure("holdout", title, fig, "The search picks trials on the search tasks; a holdout "
-                  "score far below the search score means the search overfits its tasks.")
+    for key, name, colour in (("search", "search tasks", "#457b9d"),
+                              ("holdout", "holdout tasks", "#e76f51")):  # fmt: skip
+        fig.add_trace(go.Bar(x=[r["label"] for r in rows], y=[r[key] for r in rows], name=name,
+                             marker_color=colour))
+    fig.update_layout(title=title, barmode="group", yaxis_title="normalized score", height=380)
+    return Figure("holdout", title, fig, "The search picks trials by the search tasks; a holdout "
+                  "score that lags further behind in later trials means the search is fitting "
+                  "its own tasks.")
 
 
 # --- final run ----------------------------------------------------------------------------
 
 
 def _curve_points(curve: Any) -> dict[str, list[tuple[float, float]]]:
-    """Series by metric from a recorded curve: [{step, val_loss | metrics: {...}}, ...]."""
+    """Series by metric from a stored curve: `[[step, val_loss], ...]` or event dicts."""
     series: dict[str, list[tuple[float, float]]] = {}
-    if isinstance(curve, dict):  # {step: value}
-        curve = [{"step": k, "val_loss": v} for k, v in curve.items()]
-    if not isinstance(curve, list):
-        return series
-    for point in curve:
-        if not isinstance(point, dict) or _num(point.get("step")) is None:
+    for point in curve if isinstance(curve, list) else []:
+        if isinstance(point, list | tuple) and len(point) == 2:
+            point = {"step": point[0], "val_loss": point[1]}
+        if not isinstance(point, dict) or as_float(point.get("step")) is None:
             continue
-        metrics = dict(point.get("metrics") or {})
-        metrics.update({k: v for k, v in point.items() if k.endswith("_loss")})
+        metrics = {**(point.get("metrics") or {}), **point}
         for metric in ("val_loss", "train_loss"):
-            if _num(metrics.get(metric)) is not None:
-                series.setdefault(metric, []).append((float(point["step"]), float(metrics[metric])))
+            if as_float(metrics.get(metric)) is not None:
+                series.setdefault(metric, []).append((float(point["step"]),
+                                                      float(metrics[metric])))
     return series
 
 
@@ -484,11 +486,11 @@ def final_curve_figure(data: ReportData) -> Figure:
     series = _curve_points(data.final.get("curve"))
     if not series:
         why = "the final run has not run yet" if not data.final else "the final run saved no curve"
-        return Figure("final", title, _empty(title, why))
+        return _empty("final", title, why)
     fig = go.Figure()
     for metric, points in series.items():
         points.sort()
         fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
                                  mode="lines+markers", name=metric.replace("_", " ")))
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=380)
+    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="loss", height=380)
     return Figure("final", title, fig)

@@ -20,7 +20,7 @@ from budgetune.engine.errors import UserInputError
 from budgetune.search import report_figures
 from budgetune.search.cli import app
 from budgetune.search.report import build_figures, render, report_warnings, write_report
-from budgetune.search.report_data import collect
+from budgetune.search.report_data import collect, ledger_spans, task_scores
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
@@ -160,8 +160,8 @@ def test_running_study_reports_running_trials(tmp_path: Path) -> None:
     assert data.phase == "running"
     row = data.table.set_index("number").loc[running.number]
     assert row.outcome == "running" and row.state == "RUNNING"
-    # The running trial's span ends "now", after every finished trial.
-    spans = data.ledger.set_index("trial")
+    # No ledger in this storage: spans come from trial times, the running one ends "now".
+    spans = data.spans.set_index("trial")
     assert spans.loc[running.number, "end_s"] == spans.end_s.max()
     assert "fig-curves" in render(data)
 
@@ -176,18 +176,21 @@ def test_empty_study_renders_with_no_data_notes(tmp_path: Path) -> None:
 
 def test_final_run_curve_and_task_table(tmp_path: Path) -> None:
     study = _study(tmp_path, n=10)
-    study.set_user_attr("final", {
-        "val_loss": 1.1, "status": "completed",
-        "curve": [{"step": 100 * i, "metrics": {"val_loss": 2.0 / i, "train_loss": 2.1 / i}}
-                  for i in range(1, 6)],
-        "tasks": {"mmlu_mini": {"acc": 0.31}, "truthfulqa_mini": {"exact_match": 0.12}},
-    })
+    # As the driver writes them: flat `final.*` study attrs, the curve as [step, val_loss].
+    study.set_user_attr("final.status", "completed")
+    study.set_user_attr("final.val_loss", 1.1)
+    study.set_user_attr("final.curve", [[100 * i, 2.0 / i] for i in range(1, 6)])
+    study.set_user_attr("final.tasks", [
+        {"task": "mmlu_mini", "metric": "acc,none", "value": 0.31, "stderr": 0.02},
+        {"task": "truthfulqa_mini", "metric": "exact_match,strict", "value": 0.12},
+    ])
     data = collect(str(tmp_path))
     assert data.phase == "finished"
     final = report_figures.final_curve_figure(data)
-    assert {t.name for t in final.fig.data} == {"val loss", "train loss"}
+    assert [list(t.y) for t in final.fig.data] == [[2.0, 1.0, 2.0 / 3, 0.5, 0.4]]
     text = render(data)
     assert "<td>truthfulqa_mini</td><td>exact_match</td><td class=\"num\">0.12</td>" in text
+    assert "<td>mmlu_mini</td><td>acc</td><td class=\"num\">0.31</td>" in text
 
 
 def test_bad_sources_are_one_line_user_errors(tmp_path: Path) -> None:
@@ -213,3 +216,27 @@ def test_cli_writes_the_report_and_prints_its_path(tmp_path: Path) -> None:
     assert f"report: {out}" in result.output
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert len(pd.read_csv(tmp_path / "t.csv")) == 8
+
+
+def test_task_scores_read_every_stored_shape() -> None:
+    as_list = [{"task": "arc", "metric": "acc_norm,none", "value": 0.4}]
+    assert task_scores(as_list) == {"arc.acc_norm": 0.4}
+    assert task_scores({"arc": 0.4, "qa": {"exact_match,strict": 0.1, "n": "x"}}) == {
+        "arc.score": 0.4, "qa.exact_match": 0.1}
+    assert task_scores({"arc": {"task": "arc", "metric": "acc", "value": 0.3}}) == {
+        "arc.acc": 0.3}
+    assert task_scores(None) == {} and task_scores("text") == {}
+
+
+def test_ledger_rows_tile_each_workers_gpu_time() -> None:
+    # Two workers; "end" is wall time (Unix s); w1 starts 100 s after w0.
+    entries = [
+        {"end": 1000.0, "seconds": 5.0, "category": "overhead", "trial": None, "worker": "w0"},
+        {"end": 1001.0, "seconds": 30.0, "category": "train", "trial": 0, "worker": "w0"},
+        {"end": 1110.0, "seconds": 10.0, "category": "setup", "trial": 1, "worker": "w1"},
+        {"end": 1002.0, "seconds": 4.0, "category": "eval", "trial": 0, "worker": "w0"},
+    ]
+    spans = ledger_spans(entries, [])
+    # A virtual clock's seconds need not match wall time: slices follow each other per worker.
+    assert spans.start_s.tolist() == [0.0, 5.0, 105.0, 35.0]
+    assert spans.end_s.tolist() == [5.0, 35.0, 115.0, 39.0]
