@@ -7,8 +7,8 @@ that `export-submission` writes both run this module.
 
 Choices where the reference is silent or wrong, so HELM's scores mean what they should:
 
-- Prompts go to the model raw (HELM sends complete prompts; no instruction template), and
-  encoded exactly as `/tokenize` encodes them (with BOS when the tokenizer adds one).
+- Prompts go to the model raw (HELM sends complete prompts; no instruction template),
+  encoded as `/tokenize` encodes them (with BOS when the tokenizer adds one; not truncated).
 - Every `logprob` and `top_logprob` comes from the model's own distribution (log-softmax
   of the raw logits, temperature 1, before top-k/top-p). The reference used the
   temperature-scaled, top-k-truncated distribution, which at HELM's temperature 1e-7 makes
