@@ -346,25 +346,25 @@ def test_second_tokenize_hits_the_cache(tmp_path: Path, tokenizer: Any) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", dolly_rows(30))
     spec = SourceSpec("d", str(path), "dolly")
     counting = CountingTokenizer(tokenizer)
-    first = tokenize_source(spec, counting, 64, cache_dir=tmp_path / "c")
+    first = tokenize_source(spec, counting, 4096, cache_dir=tmp_path / "c")
     assert counting.n_calls > 0 and not first.from_cache
     assert first.cache_file is not None and first.cache_file.is_file()
     # Atomic write: no temp file is left next to the cache file.
     assert [p.name for p in (tmp_path / "c").iterdir()] == [first.cache_file.name]
 
     counting.n_calls = 0
-    again = tokenize_source(spec, counting, 64, cache_dir=tmp_path / "c")
+    again = tokenize_source(spec, counting, 4096, cache_dir=tmp_path / "c")
     # Another max_seq_length and masking reuse the same tokenization too.
-    other = tokenize_source(spec, counting, 512, mask_prompt=True, cache_dir=tmp_path / "c")
+    shorter = sorted(first.lengths)[15]
+    other = tokenize_source(spec, counting, shorter, mask_prompt=True, cache_dir=tmp_path / "c")
     assert counting.n_calls == 0 and again.from_cache and other.from_cache
     assert [t.tolist() for t in again.input_ids] == [t.tolist() for t in first.input_ids]
-    assert again.n_truncated == first.n_truncated
+    assert other.n_truncated + other.n_prompt_too_long > 0 and max(other.lengths) <= shorter
 
     # An edited file is a different source: it is tokenized again.
     write_jsonl(path, dolly_rows(31))
-    edited = tokenize_source(spec, counting, 64, cache_dir=tmp_path / "c")
-    assert counting.n_calls > 0 and not edited.from_cache
-    assert len(edited) + edited.n_prompt_too_long == 31
+    edited = tokenize_source(spec, counting, 4096, cache_dir=tmp_path / "c")
+    assert counting.n_calls > 0 and not edited.from_cache and len(edited) == 31
 
 
 def test_damaged_cache_file_is_rebuilt(tmp_path: Path, tokenizer: Any) -> None:
