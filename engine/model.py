@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from budgetune.engine.config import LoraSettings
+from budgetune.engine.config import LoraSettings, RunConfig
 from budgetune.engine.errors import UserInputError
+from budgetune.engine.events import Callback, RunResult, StopCheck
+from budgetune.engine.memory import release_memory
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
@@ -234,3 +238,102 @@ def remove_lora(peft_model) -> PreTrainedModel:
 def count_trainable(model: torch.nn.Module) -> int:
     """Number of parameters the optimizer will update."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- one base model, many adapters -------------------------------------------------------------
+
+
+class Worker:
+    """One base model loaded once, finetuned by many runs, each with its own fresh adapter.
+
+    The search driver keeps one Worker per process: loading a 7B base costs a minute, a
+    trial's adapter a second. After `run()` the last run's adapter stays on the model (for
+    in-memory evaluation, export, generation) until the next `run()` replaces it.
+    """
+
+    def __init__(
+        self, model: str, *, precision: str = "32-true", quantize: str | None = None,
+        quiet: bool = False,
+    ) -> None:  # fmt: skip
+        from lightning.fabric import Fabric
+
+        self.name = model
+        self.precision = precision
+        self.quantize = quantize
+        self.quiet = quiet
+        loaded = load_base_model(model, precision, quantize)
+        self.path = loaded.path
+        self.fabric = Fabric(accelerator="auto", devices=1, precision=precision)
+        self._base = loaded.model if loaded.quantized else self.fabric.to_device(loaded.model)
+        self.tokenizer = load_tokenizer(loaded.path)
+        self.model_load_s = loaded.load_s
+        self._peft: Any = None
+        self.last_peak_bytes = 0
+        """Peak memory of the last run (also of one that failed)."""
+        self.last_config: RunConfig | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The base model with the last run's adapter active (the bare base before any run)."""
+        return self._peft if self._peft is not None else self._base
+
+    def run(
+        self, config: RunConfig, callbacks: Sequence[Callback] = (),
+        stop_check: StopCheck | None = None, resume: bool = True,
+    ) -> RunResult:  # fmt: skip
+        """Train a fresh adapter per `config`; resume from `out_dir/checkpoints` when allowed.
+
+        Raises `OutOfMemory` or `Diverged` after giving back everything the run allocated,
+        so the same worker runs the next configuration as a fresh process would.
+        """
+        from budgetune.engine.train import run_on
+
+        return run_on(self, config, callbacks, stop_check, resume)
+
+    def attach_adapter(self, settings: LoraSettings) -> Any:
+        """Put a fresh LoRA adapter on the base (the previous one must be dropped first)."""
+        if self._peft is not None:
+            raise RuntimeError("attach_adapter: drop the previous adapter first")
+        self._peft = add_lora(self._base, settings)
+        return self._peft
+
+    def check_compatible(self, config: RunConfig) -> None:
+        """Refuse a config this worker's base cannot run (another model or precision)."""
+        if config.precision != self.precision or config.quantize != self.quantize:
+            raise UserInputError(
+                f"run config asks precision={config.precision}, quantize={config.quantize} but "
+                f"the worker loaded {self.name} with precision={self.precision}, "
+                f"quantize={self.quantize} (the base model is loaded once per worker)"
+            )
+        if config.model != self.name and resolve_model_path(config.model, False) != self.path:
+            raise UserInputError(
+                f"run config model {config.model!r} is not the worker's {self.name!r}"
+            )
+
+    def drop_adapter(self) -> None:
+        """Take the current adapter off the base and free its weights, optimizer and caches."""
+        if self._peft is not None:
+            self._base = remove_lora(self._peft)
+            self._peft = None
+        self._base.eval()
+        release_memory()
+
+    def export_merged(self, out_dir: Path) -> Path:
+        """Merge the current adapter into a copy of the base and save a Hugging Face folder."""
+        from budgetune.engine.export import export_merged
+
+        if self._peft is None:
+            raise UserInputError("export_merged: no adapter yet (call run() first)")
+        return export_merged(self._peft, self.tokenizer, self.path, Path(out_dir), self.last_config)
+
+    def generate(
+        self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
+        top_k: int | None = None, template: bool = True,
+    ) -> str:  # fmt: skip
+        """Answer `prompt` with the current model (greedy at temperature 0)."""
+        from budgetune.engine.export import generate_text
+
+        return generate_text(
+            self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, template=template,
+        )  # fmt: skip

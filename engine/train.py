@@ -1,4 +1,4 @@
-"""The LoRA finetune loop: one base model per `Worker`, a fresh adapter per run.
+"""The LoRA finetune loop: a fresh adapter per run on a `Worker`'s base model.
 
 A run reads top to bottom: `setup()` (data, adapter, optimizer, resume) -> `main()` ->
 `fit()` (the step loop, with the horizon, evals, checkpoints and stop requests explicit in
@@ -30,14 +30,8 @@ from budgetune.engine.config import RunConfig
 from budgetune.engine.data import MixtureSampler, pad_id_for, prepare_data, validation_batches
 from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
 from budgetune.engine.events import Callback, EvalEvent, RunResult, StopCheck
-from budgetune.engine.memory import MemoryGuard, is_out_of_memory, release_memory
-from budgetune.engine.model import (
-    add_lora,
-    load_base_model,
-    load_tokenizer,
-    remove_lora,
-    resolve_model_path,
-)
+from budgetune.engine.memory import MemoryGuard, is_out_of_memory
+from budgetune.engine.model import Worker
 from lightning.fabric import Fabric
 
 MEASURE_STEPS = 3
@@ -141,115 +135,42 @@ class _Diverging(Exception):
         self.args_ = (step, loss, why)
 
 
-# --- the worker ------------------------------------------------------------------------------
+def run_on(
+    worker: Worker, config: RunConfig, callbacks: Sequence[Callback] = (),
+    stop_check: StopCheck | None = None, resume: bool = True,
+) -> RunResult:  # fmt: skip
+    """`Worker.run`: one run on the worker's base; a failure leaves the worker as it was.
 
-
-class Worker:
-    """One base model loaded once, finetuned by many runs, each with its own fresh adapter.
-
-    The search driver keeps one Worker per process: loading a 7B base costs a minute, a
-    trial's adapter a second. After `run()` the last run's adapter stays on the model (for
-    in-memory evaluation, export, generation) until the next `run()` replaces it.
+    `OutOfMemory` and `Diverged` are raised only after the run's adapter, optimizer and
+    activations are freed, so the next configuration runs as it would in a fresh process.
     """
-
-    def __init__(
-        self, model: str, *, precision: str = "32-true", quantize: str | None = None,
-        quiet: bool = False,
-    ) -> None:  # fmt: skip
-        self.name = model
-        self.precision = precision
-        self.quantize = quantize
-        self.quiet = quiet
-        loaded = load_base_model(model, precision, quantize)
-        self.path = loaded.path
-        self.fabric = Fabric(accelerator="auto", devices=1, precision=precision)
-        self._base = loaded.model if loaded.quantized else self.fabric.to_device(loaded.model)
-        self.tokenizer = load_tokenizer(loaded.path)
-        self.model_load_s = loaded.load_s
-        self._peft: Any = None
-        self._last_peak = 0
-        self.last_config: RunConfig | None = None
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The base model with the last run's adapter active (the bare base before any run)."""
-        return self._peft if self._peft is not None else self._base
-
-    def run(
-        self, config: RunConfig, callbacks: Sequence[Callback] = (),
-        stop_check: StopCheck | None = None, resume: bool = True,
-    ) -> RunResult:  # fmt: skip
-        """Train a fresh adapter per `config`; resume from `out_dir/checkpoints` when allowed.
-
-        Raises `OutOfMemory` or `Diverged` after giving back everything the run allocated,
-        so the same worker runs the next configuration as a fresh process would.
-        """
-        self._check_compatible(config)
-        self.drop_adapter()
-        failure: tuple[str, tuple] | None = None
-        try:
-            result = main(self, config, callbacks, stop_check, resume)
-        except _Diverging as e:
-            failure = ("diverged", e.args_)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                self.drop_adapter()
-                raise
-            failure = ("oom", (getattr(e, "rss_bytes", 0),))
-        except BaseException:
-            self.drop_adapter()
+    start = time.perf_counter()
+    worker.check_compatible(config)
+    worker.drop_adapter()
+    failure: tuple[str, tuple] | None = None
+    try:
+        result = main(worker, config, callbacks, stop_check, resume, start)
+    except _Diverging as e:
+        failure = ("diverged", e.args_)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            worker.drop_adapter()
             raise
-        else:
-            self.last_config = config
-            return result
-        # Outside the except blocks: the traceback and the loop's frames, which hold the
-        # activations, are gone by now, so release_memory() can actually free them.
-        guard_peak = self._last_peak
-        self.drop_adapter()
-        _append_line(config.out_dir / "metrics.jsonl", {"kind": "failed", "reason": failure[0]})
-        if failure[0] == "diverged":
-            raise Diverged(*failure[1])
-        raise OutOfMemory(config.micro_batch, config.max_seq_length, max(guard_peak, *failure[1]))
-
-    def drop_adapter(self) -> None:
-        """Take the current adapter off the base and free its weights, optimizer and caches."""
-        if self._peft is not None:
-            self._base = remove_lora(self._peft)
-            self._peft = None
-        self._base.eval()
-        release_memory()
-
-    def _check_compatible(self, config: RunConfig) -> None:
-        if config.precision != self.precision or config.quantize != self.quantize:
-            raise UserInputError(
-                f"run config asks precision={config.precision}, quantize={config.quantize} but "
-                f"the worker loaded {self.name} with precision={self.precision}, "
-                f"quantize={self.quantize} (the base model is loaded once per worker)"
-            )
-        if config.model != self.name and resolve_model_path(config.model, False) != self.path:
-            raise UserInputError(
-                f"run config model {config.model!r} is not the worker's {self.name!r}"
-            )
-
-    def export_merged(self, out_dir: Path) -> Path:
-        """Merge the current adapter into a copy of the base and save a Hugging Face folder."""
-        from budgetune.engine.export import export_merged
-
-        if self._peft is None:
-            raise UserInputError("export_merged: no adapter yet (call run() first)")
-        return export_merged(self._peft, self.tokenizer, self.path, Path(out_dir), self.last_config)
-
-    def generate(
-        self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
-        top_k: int | None = None, template: bool = True,
-    ) -> str:  # fmt: skip
-        """Answer `prompt` with the current model (greedy at temperature 0)."""
-        from budgetune.engine.export import generate_text
-
-        return generate_text(
-            self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, template=template,
-        )  # fmt: skip
+        failure = ("oom", (getattr(e, "rss_bytes", 0),))
+    except BaseException:
+        worker.drop_adapter()
+        raise
+    else:
+        worker.last_config = config
+        return result
+    # Outside the except blocks: the traceback and the loop's frames, which hold the
+    # activations, are gone by now, so release_memory() can actually free them.
+    guard_peak = worker.last_peak_bytes
+    worker.drop_adapter()
+    _append_line(config.out_dir / "metrics.jsonl", {"kind": "failed", "reason": failure[0]})
+    if failure[0] == "diverged":
+        raise Diverged(*failure[1])
+    raise OutOfMemory(config.micro_batch, config.max_seq_length, max(guard_peak, *failure[1]))
 
 
 def run(
@@ -266,10 +187,12 @@ def run(
 
 def setup(
     worker: Worker, config: RunConfig, callbacks: Sequence[Callback],
-    stop_check: StopCheck | None, resume: bool,
+    stop_check: StopCheck | None, resume: bool, start: float,
 ) -> _Run:  # fmt: skip
-    """Data, adapter, optimizer and (when a good checkpoint exists) the resumed state."""
-    start = time.perf_counter()
+    """Data, adapter, optimizer and (when a good checkpoint exists) the resumed state.
+
+    `start` is when the caller began the run: everything from there counts as its time.
+    """
     fabric = worker.fabric
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -281,8 +204,7 @@ def setup(
     val_batches = validation_batches(val, config.micro_batch, pad_id, config.eval_batches)
     if not val_batches:
         raise UserInputError(f"{config.val.path}: the validation set is empty")
-    peft_model = add_lora(worker.model, config.lora)
-    worker._peft = peft_model
+    peft_model = worker.attach_adapter(config.lora)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -315,9 +237,10 @@ def setup(
 
 def main(
     worker: Worker, config: RunConfig, callbacks: Sequence[Callback],
-    stop_check: StopCheck | None, resume: bool,
+    stop_check: StopCheck | None, resume: bool, start: float,
 ) -> RunResult:  # fmt: skip
-    run = setup(worker, config, callbacks, stop_check, resume)
+    """Set up, validate once before training, fit, save the adapter, report."""
+    run = setup(worker, config, callbacks, stop_check, resume, start)
     try:
         if run.progress.step == 0 and run.progress.initial_val_loss is None:
             t = time.perf_counter()
@@ -330,18 +253,19 @@ def main(
         with _progress_bar(run):
             status = fit(run)
     finally:
-        worker._last_peak = run.guard.peak_bytes()
+        worker.last_peak_bytes = run.guard.peak_bytes()
     adapter_dir = config.out_dir / "adapter"
     worker._peft.save_pretrained(adapter_dir)
-    metrics = _metrics(run) | {"model_load_s": worker.model_load_s}
-    _append_line(run.metrics_path, {"kind": "final", "status": status, "step": run.progress.step,
-                                    "tokens_seen": run.progress.tokens_seen,
-                                    "elapsed_s": run.elapsed(), **metrics})  # fmt: skip
     worker._peft.eval()
     latest = ckpt.find_checkpoints(run.checkpoint_root)
+    elapsed = run.elapsed()
+    metrics = _metrics(run, elapsed) | {"model_load_s": worker.model_load_s}
+    _append_line(run.metrics_path, {"kind": "final", "status": status, "step": run.progress.step,
+                                    "tokens_seen": run.progress.tokens_seen,
+                                    "elapsed_s": elapsed, **metrics})  # fmt: skip
     return RunResult(
         status=status, step=run.progress.step, tokens_seen=run.progress.tokens_seen,
-        elapsed_s=run.elapsed(), metrics=metrics,
+        elapsed_s=elapsed, metrics=metrics,
         curve=[EvalEvent(**e) for e in run.progress.curve], out_dir=config.out_dir,
         adapter_dir=adapter_dir, checkpoint_dir=latest[0] if latest else None,
     )  # fmt: skip
@@ -511,15 +435,27 @@ def _seconds_total_steps(run: _Run) -> int:
     p, config = run.progress, run.config
     assert config.max_seconds is not None
     step_s = max(_step_estimate_s(p), 1e-6)
-    per_eval = p.last_eval_s + p.checkpoint_s
+    per_eval = p.last_eval_s + _checkpoint_estimate_s(run)
+    final_extra = _checkpoint_estimate_s(run)  # the adapter saved at the end
     remaining = config.max_seconds - run.elapsed()
     n = max(0, int(remaining / step_s))
     while n > 0:
         n_evals = (p.step + n) // config.eval_interval - p.step // config.eval_interval + 1
-        if n * step_s + n_evals * per_eval <= remaining:
+        if n * step_s + n_evals * per_eval + final_extra <= remaining:
             break
         n -= 1
     return p.step + n
+
+
+def _checkpoint_estimate_s(run: _Run) -> float:
+    """Seconds a checkpoint takes: measured once one was written, else from its size.
+
+    Adapter plus two AdamW moments, written, fsynced and hashed at a conservative 200 MB/s.
+    """
+    if run.progress.checkpoint_s:
+        return run.progress.checkpoint_s
+    bytes_per_param = 4 if run.config.precision in ("32-true", "bf16-mixed", "16-mixed") else 2
+    return 3 * run.data_stats["n_trainable_params"] * bytes_per_param / 200e6
 
 
 def _next_step_fits(run: _Run) -> bool:
@@ -528,7 +464,7 @@ def _next_step_fits(run: _Run) -> bool:
     assert config.max_seconds is not None
     if not p.step_times:
         return run.elapsed() < config.max_seconds
-    needed = _step_estimate_s(p) + p.last_eval_s + p.checkpoint_s
+    needed = _step_estimate_s(p) + p.last_eval_s + 2 * _checkpoint_estimate_s(run)
     return run.elapsed() + needed <= config.max_seconds
 
 
@@ -572,7 +508,7 @@ def _restore(run: _Run, found: ckpt.Checkpoint) -> None:
         # A longer (or shorter) run asked of the same checkpoint: refit the schedule to the new
         # horizon (a seconds horizon refits at the next step from the times measured so far).
         run.progress.total_steps, run.progress.horizon = fresh_total, horizon
-    run.t0 = time.perf_counter() - run.progress.elapsed_s
+    run.t0 -= run.progress.elapsed_s
     # The log is rewritten from the checkpoint: evals after it will be redone, not duplicated.
     lines = [{"kind": "eval", **e} for e in run.progress.curve]
     if run.progress.initial_val_loss is not None:
@@ -596,11 +532,10 @@ def _throughput(run: _Run) -> dict[str, float]:
     }
 
 
-def _metrics(run: _Run) -> dict[str, float]:
+def _metrics(run: _Run, elapsed: float) -> dict[str, float]:
     """The final figures of a run: last eval, throughput, overhead, data counts."""
     p = run.progress
     last = p.curve[-1]["metrics"] if p.curve else {}
-    elapsed = run.elapsed()
     overhead = max(0.0, elapsed - p.train_s - p.eval_s)
     return {
         **last,
