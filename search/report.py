@@ -107,6 +107,22 @@ def report_command(
             print(f"{kind}: {path}")
 
 
+def write_run_report(storage_url: str, study_name: str, run_dir: Path) -> Path | None:
+    """The page `launch` and `resume` leave in the run directory when they end; prints it.
+
+    The report is a by-product of a run: if it cannot be written, one line says why and
+    the study's own result (already in storage) stands, so this never raises.
+    """
+    try:
+        page = write_report(storage_url, study_name, out=Path(run_dir) / "report.html")
+    except Exception as e:  # a figure bug must not turn a finished study into a traceback
+        print(f"budgetune: report not written ({type(e).__name__}: {e}); "
+              f"try `budgetune report {run_dir}`")  # fmt: skip
+        return None
+    print(f"report: {page}")
+    return page
+
+
 def export_table(data: ReportData, csv: Path | None = None, parquet: Path | None = None) -> None:
     """Write the trial table; CSV and Parquet get exactly the same columns."""
     if csv is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import pandas as pd
 import plotly.graph_objects as go
 from budgetune.search.report_data import (
     MIX_PREFIX,
@@ -247,12 +248,30 @@ def _span_label(category: str, outcome: str) -> str:
     return outcome if category in ("train", "trial") and outcome else category
 
 
+def merge_adjacent(spans: pd.DataFrame) -> pd.DataFrame:
+    """One bar per stretch of the same work: a run charges the ledger at every eval, and a
+    final run of a thousand slices would otherwise draw a thousand bars."""
+    rows: list[dict[str, Any]] = []
+    last: dict[str, dict[str, Any]] = {}
+    for row in spans.sort_values(["worker", "start_s"], kind="stable").to_dict("records"):
+        prev = last.get(row["worker"])
+        same = prev is not None and (prev["category"], prev["trial"]) == (
+            row["category"], row["trial"]) and abs(prev["end_s"] - row["start_s"]) < 1e-6
+        if same:
+            prev["end_s"] = row["end_s"]
+            prev["seconds"] += row["seconds"]
+        else:
+            rows.append(row)
+            last[row["worker"]] = row
+    return pd.DataFrame(rows, columns=spans.columns)
+
+
 def timeline_figure(data: ReportData) -> Figure:
     """A Gantt of who held which GPU when: trials by outcome, evals, the final run, overhead."""
     title = "Timeline of GPU time"
-    spans = data.spans
-    if spans.empty:
+    if data.spans.empty:
         return _empty("timeline", title, "no GPU time spent yet")
+    spans = merge_adjacent(data.spans)
     scale, unit = _time_unit(float(spans.end_s.max()))
     labels = [_span_label(c, o) for c, o in zip(spans.category, spans.outcome, strict=True)]
     spans = spans.assign(label=labels)
@@ -265,7 +284,7 @@ def timeline_figure(data: ReportData) -> Figure:
                 for t, c in zip(part.trial, part.category, strict=True)]
         fig.add_trace(go.Bar(
             y=part.worker, base=part.start_s / scale, x=part.seconds / scale, orientation="h",
-            name=label, marker_color=COLOURS.get(label, "#999"),
+            name=label, marker={"color": COLOURS.get(label, "#999"), "line": {"width": 0}},
             customdata=list(zip(what, part.seconds, strict=True)),
             hovertemplate="%{customdata[0]}<br>%{customdata[1]:.1f} GPU-s<extra>" + label
             + "</extra>"))  # fmt: skip

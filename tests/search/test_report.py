@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import uuid
 from pathlib import Path
 
 import optuna
@@ -19,7 +20,13 @@ import pytest
 from budgetune.engine.errors import UserInputError
 from budgetune.search import report_figures
 from budgetune.search.cli import app
-from budgetune.search.report import build_figures, render, report_warnings, write_report
+from budgetune.search.report import (
+    build_figures,
+    render,
+    report_warnings,
+    write_report,
+    write_run_report,
+)
 from budgetune.search.report_data import collect, ledger_spans, task_scores
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -240,3 +247,42 @@ def test_ledger_rows_tile_each_workers_gpu_time() -> None:
     # A virtual clock's seconds need not match wall time: slices follow each other per worker.
     assert spans.start_s.tolist() == [0.0, 5.0, 105.0, 35.0]
     assert spans.end_s.tolist() == [5.0, 35.0, 115.0, 39.0]
+    # The timeline draws one bar per stretch of the same work of one worker.
+    more = ledger_spans([*entries, {"end": 1003.0, "seconds": 2.0, "category": "eval",
+                                    "trial": 0, "worker": "w0"}], [])
+    merged = report_figures.merge_adjacent(more)
+    assert merged[merged.worker == "w0"].seconds.tolist() == [5.0, 30.0, 6.0]
+    assert merged.seconds.sum() == more.seconds.sum()
+
+
+def test_run_report_lands_in_the_run_dir_and_never_raises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _study(tmp_path, n=4)
+    url = f"sqlite:///{tmp_path}/study.db"
+    page = write_run_report(url, "demo", tmp_path)
+    assert page == tmp_path / "report.html" and page.is_file()
+    assert f"report: {page}" in capsys.readouterr().out
+    # A missing run dir: one line, no exception (the study's result is already stored).
+    assert write_run_report(url, "demo", tmp_path / "gone") is None
+    assert "report not written" in capsys.readouterr().out
+
+
+def test_report_from_a_postgresql_storage_url(tmp_path: Path) -> None:
+    url = "postgresql+psycopg2://postgres@localhost:5432/test"
+    try:
+        names = optuna.study.get_all_study_names(url)
+    except Exception as e:  # no server here: the rest of the suite still runs
+        pytest.skip(f"no PostgreSQL at localhost:5432 ({type(e).__name__})")
+    name = f"report-{uuid.uuid4().hex[:8]}"
+    study = optuna.create_study(study_name=name, storage=url)
+    try:
+        for i in range(3):
+            _add(study, i, "complete", dt.datetime(2024, 5, 1, 9, i), lr=1e-4 * (i + 1))
+        page = write_report(url, name, out=tmp_path / "pg.html")
+        assert page.read_text().count("<td>complete</td><td class=\"num\">3</td>") == 1
+        if names:  # other studies share this database: then the name is required
+            with pytest.raises(UserInputError, match="pass --study"):
+                collect(url)
+    finally:
+        optuna.delete_study(study_name=name, storage=url)

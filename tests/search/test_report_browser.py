@@ -125,9 +125,15 @@ def test_fake_study_has_every_outcome(fake_run: Path) -> None:
     assert len(trials) >= 30
 
 
-def test_trial_table_exports_load_in_pandas(fake_run: Path, tmp_path: Path) -> None:
-    csv, parquet = tmp_path / "trials.csv", tmp_path / "trials.parquet"
-    write_report(str(fake_run), out=tmp_path / "report.html", csv=csv, parquet=parquet)
+@pytest.fixture(scope="module")
+def fake_report(fake_run: Path) -> Path:
+    """`budgetune report <run dir> --csv --parquet`, once for the tests below."""
+    write_report(str(fake_run), csv=fake_run / "trials.csv", parquet=fake_run / "trials.parquet")
+    return fake_run / "report.html"
+
+
+def test_trial_table_exports_load_in_pandas(fake_run: Path, fake_report: Path) -> None:
+    csv, parquet = fake_run / "trials.csv", fake_run / "trials.parquet"
     from_csv, from_parquet = pd.read_csv(csv), pd.read_parquet(parquet)
     n_trials = len(optuna.load_study(study_name="fake",
                                      storage=f"sqlite:///{fake_run / 'study.db'}").trials)
@@ -270,12 +276,11 @@ def open_in_chromium(page: Path, screenshot: Path, user_data: Path) -> dict[str,
             proc.kill()
 
 
-def test_report_renders_in_chromium_without_errors(fake_run: Path, tmp_path: Path) -> None:
+def test_report_renders_in_chromium_without_errors(fake_report: Path, tmp_path: Path) -> None:
     if _chromium() is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
     pytest.importorskip("websocket", reason="websocket-client (test extra) drives Chromium")
-    page = write_report(str(fake_run), out=tmp_path / "report.html")
-    seen = open_in_chromium(page, tmp_path / "report.png", tmp_path / "chromium-profile")
+    seen = open_in_chromium(fake_report, tmp_path / "report.png", tmp_path / "chromium-profile")
     drawn = {p["id"].removeprefix("fig-") for p in seen["plots"] if p["points"]}
     rendered = {p["id"].removeprefix("fig-") for p in seen["plots"]}
     assert seen["errors"] == []
