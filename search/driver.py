@@ -362,7 +362,9 @@ class Driver:
             reporter.phase("eval")
             score = self.backend.score(result)
             reporter.phase(None)
-            extra.update({"val_loss": val, "eval_tasks": score.tasks})
+            extra["val_loss"] = val
+            if score.tasks:
+                extra["eval_tasks"] = score.tasks
             self._finish(trial, "complete", TrialState.COMPLETE, reporter, extra, value=score.value)
         except OutOfMemory as e:
             reporter.phase(None)
@@ -393,9 +395,8 @@ class Driver:
         return False
 
     def _relink(self, prior: int, trial: optuna.Trial) -> None:
-        """A continuation: link both ways and re-report the old intermediate values."""
+        """A continuation re-reports its predecessor's intermediate values for the pruner."""
         old = self.ostudy.get_trials(deepcopy=False)[prior]
-        self.storage.set_trial_user_attr(old._trial_id, "continued_by", trial.number)
         for step, value in sorted(old.intermediate_values.items()):
             trial.report(value, step)
         self.progress.log(f"trial {trial.number}: continues trial {prior} from its checkpoint")
@@ -419,12 +420,9 @@ class Driver:
 
     @staticmethod
     def _result_attrs(result: RunResult) -> dict[str, Any]:
-        keep = ("tokens_per_s", "nonpad_tokens_per_s", "peak_memory_bytes", "padding_fraction",
-                "step_time_s", "overhead_s", "n_truncated")  # fmt: skip
+        keep = ("tokens_per_s", "nonpad_tokens_per_s", "peak_memory_bytes", "padding_fraction")
         out: dict[str, Any] = {k: float(result.metrics[k]) for k in keep if k in result.metrics}
-        out.update(
-            {"steps": result.step, "tokens_seen": result.tokens_seen, "run_status": result.status}
-        )
+        out.update({"steps": result.step, "tokens_seen": result.tokens_seen})
         return out
 
     def _finish(
@@ -461,28 +459,46 @@ class Driver:
     # --- recovery -----------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Release dead workers' reservations; turn stale RUNNING trials into continuations."""
+        """Release dead workers' reservations; turn stale RUNNING trials into continuations.
+
+        Order matters for a crash in the middle: the continuation is enqueued first (a
+        WAITING trial, so it has a number), then the stale trial gets its costs and
+        `continued_by`, then it is closed as FAIL. A rerun finds the WAITING trial and does
+        not enqueue a second one.
+        """
         self.ledger.release_stale(lambda worker: True)
         costs = self.ledger.trial_costs()
-        trials = self.ostudy.get_trials(deepcopy=False)
-        for t in trials:
-            if t.state != TrialState.RUNNING or t.user_attrs.get("worker_id") == self.worker_id:
+        final_claimed = self.ledger.final_claim() is not None
+        for t in self.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("worker_id") == self.worker_id:
                 continue
-            attrs = self._cost_attrs(costs.get(t.number, {}))
-            attrs.update(
-                {"outcome": "continued", "reason": "its worker stopped; continued by a new trial"}
-            )
+            attrs: dict[str, Any] = self._cost_attrs(costs.get(t.number, {}))
+            if final_claimed:
+                attrs.update({"outcome": "failed", "reason": "its worker stopped"})
+            else:
+                attrs.update(
+                    {
+                        "outcome": "continued",
+                        "reason": "its worker stopped; continued by a new trial",
+                        "continued_by": self._continuation(t),
+                    }
+                )
             self._set_attrs(t._trial_id, attrs)
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self.progress.log(f"trial {t.number}: left running by a stopped worker, will continue")
-        trials = self.ostudy.get_trials(deepcopy=False)
-        taken = {t.user_attrs.get("continues") for t in trials}
-        for t in trials:
+            self.progress.log(f"trial {t.number}: left running by a stopped worker, continued")
+
+    def _continuation(self, t: optuna.trial.FrozenTrial) -> int:
+        """The number of the WAITING trial that continues `t` (enqueued if not there yet)."""
+
+        def find() -> int | None:
+            for w in self.ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                if w.user_attrs.get("continues") == t.number:
+                    return w.number
+            return None
+
+        number = find()
+        if number is None:
             a = t.user_attrs
-            if a.get("outcome") != "continued" or t.number in taken:
-                continue
-            if self.ledger.final_claim() is not None:
-                continue
             self.ostudy.enqueue_trial(
                 t.params,
                 user_attrs={
@@ -490,9 +506,12 @@ class Driver:
                     "trial_dir": a.get("trial_dir"),
                     "horizon_s": a.get("horizon_s"),
                     "prior_reserved_s": a.get("reserved_s", 0.0),
-                    "prior_cost_s": a.get("cost_s", 0.0),
+                    "prior_cost_s": sum(self.ledger.trial_costs().get(t.number, {}).values()),
                 },
             )
+            number = find()
+        assert number is not None
+        return number
 
     def _abandon_waiting(self) -> None:
         """Continuations the search budget could not hold are closed, not left WAITING."""
@@ -535,7 +554,7 @@ class Driver:
             return
         params = dict(claim.config.get("params") or {})
         final_dir = self.study.run_dir / "final"
-        max_seconds = max(1.0, claim.allotment_s - b.final_tail)
+        max_seconds = max(1.0, claim.allotment_s - b.final_tail - b.trial_setup_s)
         config = self.study.run_config(final_dir, params, max_seconds=max_seconds)
         spent = self._refresh_spent()
         reporter = _FinalReporter(self, b.total_s - b.final_tail, spent)
