@@ -255,8 +255,10 @@ def merge_adjacent(spans: pd.DataFrame) -> pd.DataFrame:
     last: dict[str, dict[str, Any]] = {}
     for row in spans.sort_values(["worker", "start_s"], kind="stable").to_dict("records"):
         prev = last.get(row["worker"])
-        same = prev is not None and (prev["category"], prev["trial"]) == (
-            row["category"], row["trial"]) and abs(prev["end_s"] - row["start_s"]) < 1e-6
+        # Rows without a trial hold NaN there, and NaN != NaN: compare as numbers or "none".
+        same = (prev is not None and prev["category"] == row["category"]
+                and as_float(prev["trial"]) == as_float(row["trial"])
+                and abs(prev["end_s"] - row["start_s"]) < 1e-6)  # fmt: skip
         if same:
             prev["end_s"] = row["end_s"]
             prev["seconds"] += row["seconds"]

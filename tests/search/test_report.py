@@ -248,10 +248,13 @@ def test_ledger_rows_tile_each_workers_gpu_time() -> None:
     assert spans.start_s.tolist() == [0.0, 5.0, 105.0, 35.0]
     assert spans.end_s.tolist() == [5.0, 35.0, 115.0, 39.0]
     # The timeline draws one bar per stretch of the same work of one worker.
-    more = ledger_spans([*entries, {"end": 1003.0, "seconds": 2.0, "category": "eval",
-                                    "trial": 0, "worker": "w0"}], [])
+    more = ledger_spans([*entries,
+                         {"end": 1003.0, "seconds": 2.0, "category": "eval", "trial": 0,
+                          "worker": "w0"},
+                         *({"end": 1004.0 + i, "seconds": 1.0, "category": "final",
+                            "trial": None, "worker": "w0"} for i in range(3))], [])
     merged = report_figures.merge_adjacent(more)
-    assert merged[merged.worker == "w0"].seconds.tolist() == [5.0, 30.0, 6.0]
+    assert merged[merged.worker == "w0"].seconds.tolist() == [5.0, 30.0, 6.0, 3.0]
     assert merged.seconds.sum() == more.seconds.sum()
 
 

@@ -260,7 +260,8 @@ def open_in_chromium(page: Path, screenshot: Path, user_data: Path) -> dict[str,
                 args = (a.get("value", a.get("description")) for a in p["args"])
                 errors.append(" ".join(str(a) for a in args))
             elif e["method"] == "Runtime.exceptionThrown":
-                errors.append(json.dumps(p["exceptionDetails"])[:500])
+                details = p["exceptionDetails"]
+                errors.append(details.get("exception", {}).get("description") or details["text"])
             elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
                 errors.append(p["entry"]["text"])
         requests = [e["params"]["request"]["url"] for e in cdp.events
@@ -289,3 +290,16 @@ def test_report_renders_in_chromium_without_errors(fake_report: Path, tmp_path: 
     # The fake backend runs no holdout tasks: that figure alone says "no data".
     assert drawn == EXPECTED_FIGURES - {"holdout"}
     assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def test_empty_study_page_renders_its_no_data_figures(tmp_path: Path) -> None:
+    if _chromium() is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    pytest.importorskip("websocket", reason="websocket-client (test extra) drives Chromium")
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/study.db")
+    page = write_report(str(tmp_path))
+    seen = open_in_chromium(page, tmp_path / "empty.png", tmp_path / "chromium-profile")
+    # Every figure is drawn (as its "no data" note) and none has a trace yet.
+    assert {p["id"].removeprefix("fig-") for p in seen["plots"]} == EXPECTED_FIGURES
+    assert not any(p["points"] for p in seen["plots"])
+    assert seen["errors"] == [] and seen["external"] == []
