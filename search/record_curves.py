@@ -187,7 +187,7 @@ def _initial_loss(run_dir: Path) -> float:
 def record(study: Study, grid: Grid, out: Path, work_dir: Path, score: bool = False,
            log: Any = print) -> pd.DataFrame:  # fmt: skip
     """Record every grid point not yet recorded under `work_dir`, then write `out`."""
-    from budgetune.engine.train import Worker
+    from budgetune.engine.model import Worker
 
     parts = work_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
