@@ -89,6 +89,9 @@ class RunConfig:
     """Optimizer steps between validation passes (and callback calls)."""
     eval_batches: int | None = None
     """Validate on at most this many micro-batches of the fixed set (None: all of it)."""
+    eval_examples: int | None = None
+    """Validate on at most this many examples of the fixed set (the first in file order): the
+    same examples whatever the micro_batch, so trials that differ in it compare fairly."""
     checkpoint_interval: int | None = None
     """Optimizer steps between checkpoints (None: at every eval)."""
     seed: int = 1337
@@ -142,6 +145,8 @@ class RunConfig:
             p.append("the horizon (max_steps/max_tokens/max_seconds) must be > 0")
         if self.eval_interval < 1:
             p.append("eval_interval must be >= 1")
+        if self.eval_examples is not None and self.eval_examples < 1:
+            p.append("eval_examples must be >= 1")
         if not self.sources:
             p.append("sources must name at least one dataset")
         for s in [*self.sources, self.val]:

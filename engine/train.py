@@ -201,7 +201,9 @@ def setup(
     train_sources, val = prepare_data(config, worker.tokenizer)
     pad_id = pad_id_for(worker.tokenizer)
     sampler = MixtureSampler(train_sources, config.weights, config.micro_batch, pad_id, config.seed)
-    val_batches = validation_batches(val, config.micro_batch, pad_id, config.eval_batches)
+    val_batches = validation_batches(
+        val, config.micro_batch, pad_id, config.eval_batches, max_examples=config.eval_examples
+    )
     if not val_batches:
         raise UserInputError(f"{config.val.path}: the validation set is empty")
     peft_model = worker.attach_adapter(config.lora)
