@@ -24,9 +24,11 @@ import optuna
 import pandas as pd
 import pytest
 from budgetune.search.backends import FakeBackend
+from budgetune.search.driver import Driver
 from budgetune.search.launch import run_study
 from budgetune.search.progress import NullProgress
-from budgetune.search.report import write_report
+from budgetune.search.report import render, write_report
+from budgetune.search.report_data import collect
 from budgetune.search.storage import create_or_load, open_storage
 from budgetune.search.study import load_study
 
@@ -303,3 +305,42 @@ def test_empty_study_page_renders_its_no_data_figures(tmp_path: Path) -> None:
     assert {p["id"].removeprefix("fig-") for p in seen["plots"]} == EXPECTED_FIGURES
     assert not any(p["points"] for p in seen["plots"])
     assert seen["errors"] == [] and seen["external"] == []
+
+
+class _StopAtTrial(NullProgress):
+    """Plays the user pressing Ctrl-C as the first trial from `number` on that fits in the
+    fake's memory starts (one that runs out of memory ends before it could stop)."""
+
+    def __init__(self, number: int, memory_limit: float) -> None:
+        self.number = number
+        self.memory_limit = memory_limit
+        self.stopped_at: int | None = None
+        self.driver: Driver | None = None
+
+    def trial(self, number: int, params: dict[str, Any]) -> None:
+        fits = params["micro_batch"] * params["lora_rank"] * 128 <= self.memory_limit
+        if number >= self.number and fits and self.stopped_at is None and self.driver:
+            self.stopped_at = number
+            self.driver.request_stop()
+
+
+def test_report_of_an_interrupted_study_shows_its_running_trial(tmp_path: Path) -> None:
+    (tmp_path / "fake.toml").write_text(FAKE_STUDY)
+    study = load_study(tmp_path / "fake.toml")
+    study.run_dir.mkdir(parents=True)
+    ostudy = create_or_load(study, open_storage(study.storage))
+    progress = _StopAtTrial(3, study.fake.memory_limit)
+    driver = Driver(study, ostudy, FakeBackend(study.fake, eval_s=1.0), progress=progress)
+    progress.driver = driver
+    with pytest.raises(KeyboardInterrupt):
+        driver.run()
+    driver.ledger.close()
+    data = collect(str(study.run_dir))
+    assert data.phase == "running"
+    stopped = progress.stopped_at
+    assert data.table.set_index("number").loc[stopped, "outcome"] == "running"
+    # The interrupted trial's training was charged to the ledger, and nothing to a final run.
+    assert stopped in set(data.spans.trial) and "final" not in set(data.spans.category)
+    assert data.budget_s == 900.0 and not data.final
+    text = render(data)
+    assert "The final run has not run yet." in text and "<td>running</td>" in text
