@@ -63,18 +63,31 @@ def run_study(
     return format_status(report, summary=True)
 
 
+def _run_and_print(study: Study, ostudy: optuna.Study) -> None:
+    """Run, print the summary; Ctrl-C exits 130 here (typer would turn it into a return code)."""
+    try:
+        summary = run_study(study, ostudy)
+    except KeyboardInterrupt:
+        print(
+            f"budgetune: interrupted; continue with `budgetune resume {study.run_dir}`",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    print(summary)
+
+
 def launch(path: Path, run_dir: Path | None = None, storage: str | None = None) -> None:
     """`budgetune launch study.toml`: start a study (or continue it, if this file started it)."""
     study = load_study(path, run_dir=run_dir, storage=storage)
     study.run_dir.mkdir(parents=True, exist_ok=True)
     ostudy = create_or_load(study, open_storage(study.storage))
-    print(run_study(study, ostudy))
+    _run_and_print(study, ostudy)
 
 
 def resume(target: str, name: str | None = None) -> None:
     """`budgetune resume <run dir | storage URL>`: continue a study from its storage alone."""
     study, ostudy = load_from_storage(target, name)
-    print(run_study(study, ostudy))
+    _run_and_print(study, ostudy)
 
 
 def ledger_for(study: Study) -> Ledger:
