@@ -98,7 +98,8 @@ def format_plan(study: Study, p: Plan) -> str:
         f"  search share     {_hms(p.search_s)} "
         f"(margin {_hms(p.margin_s)} for overhead and overruns)",
         f"  per trial        {_hms(p.trial_s)} allowance: {_hms(p.trial_horizon_s)} training, "
-        f"{_hms(p.trial_eval_s)} eval; started only if >= {_hms(p.min_trial_s)} is left",
+        f"{_hms(study.budget.trial_setup_s)} setup, {_hms(p.trial_eval_s)} eval; "
+        f"started only if >= {_hms(p.min_trial_s)} is left",
         f"  trials that fit  {p.n_trials_no_pruning} without pruning; about {p.n_trials_pruning} "
         f"with {pr.kind} pruning (eta={pr.reduction_factor}: a trial costs ~{frac:.0f}% "
         "of its allowance on average)",
