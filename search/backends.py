@@ -51,20 +51,33 @@ class Score:
     value: float
     tasks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    search_score: float | None = None
+    """Weighted normalized score of the search tasks (None: objective = validation loss)."""
+    holdout_score: float | None = None
+    """Holdout tasks (never part of the objective), on top trials and the final model."""
 
 
 class Objective(Protocol):
-    """Scores a trained model in memory (`search/evaluation.py`'s Evaluator fits this)."""
+    """Scores a trained model in memory (`search/evaluation.py`'s Evaluator fits this).
 
-    def score_trial(self, model: Any, tokenizer: Any, val_loss: float) -> Any:
+    Optional methods, used when present: `is_holdout_candidate(value, previous_values)` and
+    `holdout(model, tokenizer, out_dir)` (holdout tasks on the best trials), and
+    `final(model, tokenizer, out_dir)` (the final model's full eval).
+    """
+
+    def score_trial(
+        self, model: Any, tokenizer: Any, val_loss: float | None, out_dir: Path | None = None
+    ) -> Any:
         """Returns an object with `value` (minimized), `tasks` and `seconds`."""
 
 
 class ValLossObjective:
     """The default objective: the validation loss the run ended with; costs nothing more."""
 
-    def score_trial(self, model: Any, tokenizer: Any, val_loss: float) -> Score:
-        return Score(value=float(val_loss))
+    def score_trial(
+        self, model: Any, tokenizer: Any, val_loss: float | None, out_dir: Path | None = None
+    ) -> Score:
+        return Score(value=float("nan") if val_loss is None else float(val_loss))
 
 
 class TrialBackend(Protocol):
@@ -77,8 +90,12 @@ class TrialBackend(Protocol):
     def run(self, config: RunConfig, reporter: Reporter, resume: bool = True) -> RunResult:
         """Train one configuration; raises OutOfMemory, Diverged, UserInputError."""
 
-    def score(self, result: RunResult) -> Score:
-        """The short-horizon eval of the run just trained (in memory)."""
+    def score(self, result: RunResult, previous: list[float] | None = None) -> Score:
+        """The short-horizon eval of the run just trained (in memory); `previous` holds the
+        objective values of earlier trials (holdout tasks run only on the best ones)."""
+
+    def score_final(self, result: RunResult) -> Score:
+        """The final model's full eval (in memory)."""
 
     def export(self, out_dir: Path) -> Path:
         """Merge the last run's adapter into the base and save it; returns the folder."""
@@ -124,10 +141,30 @@ class EngineBackend:
             config, callbacks=[reporter.report], stop_check=reporter.should_stop, resume=resume
         )
 
-    def score(self, result: RunResult) -> Score:
+    def score(self, result: RunResult, previous: list[float] | None = None) -> Score:
+        model, tok, out = self.worker.model, self.worker.tokenizer, result.out_dir
+        s = self.objective.score_trial(model, tok, final_val_loss(result), out_dir=out)
+        score = Score(
+            float(s.value),
+            dict(getattr(s, "tasks", {}) or {}),
+            float(s.seconds),
+            search_score=getattr(s, "search_score", None),
+        )
+        is_candidate = getattr(self.objective, "is_holdout_candidate", None)
+        if is_candidate is not None and is_candidate(score.value, previous or []):
+            h = self.objective.holdout(model, tok, out_dir=out)  # type: ignore[attr-defined]
+            score.holdout_score, score.seconds = h.score, score.seconds + h.seconds
+        return score
+
+    def score_final(self, result: RunResult) -> Score:
         val = final_val_loss(result)
-        s = self.objective.score_trial(self.worker.model, self.worker.tokenizer, val)
-        return Score(float(s.value), dict(getattr(s, "tasks", {}) or {}), float(s.seconds))
+        final = getattr(self.objective, "final", None)
+        if final is None:
+            return Score(float("nan") if val is None else val)
+        f = final(self.worker.model, self.worker.tokenizer, out_dir=result.out_dir)
+        holdout = f.holdout.score if f.holdout is not None else None
+        return Score(float("nan") if val is None else val, dict(f.tasks), float(f.seconds),
+                     search_score=f.search_score, holdout_score=holdout)  # fmt: skip
 
     def export(self, out_dir: Path) -> Path:
         return Path(self.worker.export_merged(Path(out_dir)))
@@ -275,9 +312,12 @@ class FakeBackend:
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
 
-    def score(self, result: RunResult) -> Score:
+    def score(self, result: RunResult, previous: list[float] | None = None) -> Score:
         self.sleep(self.eval_s)
         return Score(value=float(result.metrics["val_loss"]), seconds=self.eval_s)
+
+    def score_final(self, result: RunResult) -> Score:
+        return self.score(result)
 
     def export(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)

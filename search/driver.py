@@ -360,11 +360,16 @@ class Driver:
                 self._finish(trial, "complete", TrialState.COMPLETE, reporter, extra, value=val)
                 return False
             reporter.phase("eval")
-            score = self.backend.score(result)
+            previous = [t.value for t in self.ostudy.get_trials(deepcopy=False,
+                        states=(TrialState.COMPLETE,)) if t.value is not None]  # fmt: skip
+            score = self.backend.score(result, previous)
             reporter.phase(None)
             extra["val_loss"] = val
             if score.tasks:
                 extra["eval_tasks"] = score.tasks
+            for k in ("search_score", "holdout_score"):
+                if getattr(score, k) is not None:
+                    extra[k] = getattr(score, k)
             self._finish(trial, "complete", TrialState.COMPLETE, reporter, extra, value=score.value)
         except OutOfMemory as e:
             reporter.phase(None)
@@ -577,15 +582,16 @@ class Driver:
         if reporter.interrupted:
             reporter.phase(None)
             raise KeyboardInterrupt
-        score = self.backend.score(result)
+        score = self.backend.score_final(result)
         reporter.phase(None)
         export_dir = self.backend.export(final_dir / "export")
         reporter.phase(None)
         attrs.update({
             "final.status": "completed" if result.status == "completed" else "stopped at budget",
             "final.val_loss": final_val_loss(result),
-            "final.objective": score.value,
             "final.tasks": score.tasks,
+            "final.search_score": score.search_score,
+            "final.holdout_score": score.holdout_score,
             "final.steps": result.step,
             "final.tokens_seen": result.tokens_seen,
             "final.train_s": result.elapsed_s,
