@@ -112,7 +112,7 @@ class ReportData:
         if final_state == "claimed":
             return "final run in progress (or stopped: resume it)"
         if any(t.state == TrialState.RUNNING for t in self.trials):
-            return "running"
+            return "running (or stopped mid-trial: `budgetune resume` continues it)"
         return "searched (no final run yet)"
 
     def best_trial(self) -> FrozenTrial | None:

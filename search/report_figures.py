@@ -301,6 +301,17 @@ def timeline_figure(data: ReportData) -> Figure:
     return Figure("timeline", title, fig, note)
 
 
+def _ramps(spans: pd.DataFrame) -> tuple[list[float], list[float]]:
+    """Cumulative spend that rises during each span and stays flat between them (the ledger
+    books a slice when it ends, but the GPU was busy all along)."""
+    x, y, total = [0.0], [0.0], 0.0
+    for start, end, seconds in zip(spans.start_s, spans.end_s, spans.seconds, strict=True):
+        x += [float(start), float(end)]
+        y += [total, total + float(seconds)]
+        total += float(seconds)
+    return x, y
+
+
 def spend_figure(data: ReportData) -> Figure:
     """Cumulative GPU-seconds spent, in total and by category, against the budget."""
     title = "Cumulative spend against the budget"
@@ -310,14 +321,14 @@ def spend_figure(data: ReportData) -> Figure:
     top = max(float(spans.seconds.sum()), data.budget_s or 0.0)
     scale, unit = _time_unit(max(float(spans.end_s.max()), top))
     fig = go.Figure()
-    fig.add_trace(go.Scatter(
-        x=[0.0, *(spans.end_s / scale)], y=[0.0, *(spans.seconds.cumsum() / scale)],
-        mode="lines", line={"shape": "hv", "width": 3, "color": "#1d3557"}, name="total"))
-    for category in sorted(set(spans.category)):
-        part = spans[spans.category == category]
+    series = [("total", spans)] + [(c, spans[spans.category == c])
+                                   for c in sorted(set(spans.category))]  # fmt: skip
+    for name, part in series:
+        x, y = _ramps(part)
         fig.add_trace(go.Scatter(
-            x=[0.0, *(part.end_s / scale)], y=[0.0, *(part.seconds.cumsum() / scale)],
-            mode="lines", line={"shape": "hv", "color": COLOURS.get(category)}, name=category))
+            x=[v / scale for v in x], y=[v / scale for v in y], mode="lines", name=name,
+            line={"width": 3, "color": "#1d3557"} if name == "total"
+            else {"color": COLOURS.get(name)}))  # fmt: skip
     note = "Seconds as the ledger attributed them." if data.ledger is not None else (
         "Estimated from trial costs: this storage has no budget ledger.")
     if data.budget_s is not None:
