@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 from budgetune.engine.errors import UserInputError
@@ -348,10 +349,14 @@ class Evaluator:
         self.work_dir = Path(work_dir)
         self._manager: Any = None
         self._offline = False
+        self._tasks_dir: TemporaryDirectory[str] | None = None
 
     def _task_manager(self) -> Any:
         if self._manager is None:
-            dirs = localize_task_dirs(self.settings.include, self.work_dir / "tasks")
+            # One private copy per Evaluator: workers sharing a run dir never race on it.
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            self._tasks_dir = TemporaryDirectory(prefix="tasks-", dir=self.work_dir)
+            dirs = localize_task_dirs(self.settings.include, Path(self._tasks_dir.name))
             names = self.settings.task_names()
             self._manager = build_task_manager(dirs, names, self.settings.include)
             self._offline = tasks_are_local(self._manager, names)
