@@ -195,18 +195,16 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def find_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders, the one `latest` names first, then the others newest first."""
+    """Checkpoint folders, newest step first.
+
+    Loading goes by step number rather than by `latest`: a crash between renaming a new
+    checkpoint into place and updating the pointer leaves a complete checkpoint that
+    `latest` does not name yet, and it is the one to resume from. `latest` is for people and
+    tools that want the newest checkpoint without listing the folder.
+    """
     if not root.is_dir():
         return []
-    ordered = sorted(_step_dirs(root), key=lambda p: p.name, reverse=True)
-    try:
-        latest = root / (root / LATEST).read_text().strip()
-    except OSError:
-        return ordered
-    if latest in ordered:
-        ordered.remove(latest)
-        ordered.insert(0, latest)
-    return ordered
+    return sorted(_step_dirs(root), key=lambda p: p.name, reverse=True)
 
 
 def load_checkpoint(root: Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
