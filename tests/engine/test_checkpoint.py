@@ -28,7 +28,7 @@ CONFIG = dict(
              SourceSpec("alpaca", str(DATA / "alpaca.json"), "alpaca", limit=200)],
     val=SourceSpec("val", str(DATA / "val.jsonl"), "alpaca"),
     global_batch=8, micro_batch=4, learning_rate=3e-3, warmup_steps=2, eval_interval=2,
-    eval_examples=16, max_seq_length=96, seed=11,
+    eval_examples=16, max_seq_length=128, seed=11,
 )  # fmt: skip
 """The run every test here checkpoints; dropout (0.05) makes the RNG state matter."""
 

@@ -30,7 +30,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Worker, Path, Pat
                                               limit=100)],
         val=SourceSpec("val", str(DATA / "val.jsonl"), "alpaca"), out_dir=tmp / "run",
         max_steps=3, global_batch=4, micro_batch=4, learning_rate=2e-2, warmup_steps=0,
-        eval_interval=3, eval_examples=8, max_seq_length=96, cache_dir=tmp / "cache",
+        eval_interval=3, eval_examples=8, max_seq_length=128, cache_dir=tmp / "cache",
         lora=LoraSettings(r=4, alpha=8, targets="all-linear"),
     )  # fmt: skip
     worker = Worker(str(MODEL), quiet=True)

@@ -34,7 +34,7 @@ def make_config(out_dir: Path, cache_dir: Path, **overrides) -> RunConfig:
         ],
         val=SourceSpec("val", str(DATA / "val.jsonl"), "alpaca"),
         out_dir=out_dir, max_steps=4, global_batch=8, micro_batch=4, learning_rate=3e-3,
-        warmup_steps=1, eval_interval=2, eval_examples=16, max_seq_length=96, seed=7,
+        warmup_steps=1, eval_interval=2, eval_examples=16, max_seq_length=128, seed=7,
         cache_dir=cache_dir,
     )  # fmt: skip
     lora = overrides.pop("lora", None)
