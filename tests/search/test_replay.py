@@ -359,3 +359,28 @@ def test_recording_grid_and_mixtures() -> None:
     assert mix_weights("dolly=3/flan=1", list(SOURCES)) == {"dolly": 3.0, "flan": 1.0}
     with pytest.raises(UserInputError, match="'alpaca' is not a source"):
         mix_weights("alpaca=1", list(SOURCES))
+
+
+@pytest.mark.slow
+def test_recording_the_engine_writes_a_curves_file_the_replay_loads(tmp_path: Path) -> None:
+    from budgetune.search.record_curves import record
+    from budgetune.search.study import load_study
+
+    root = Path(__file__).resolve().parents[2]
+    study = load_study(root / "studies" / "quickstart.toml", run_dir=tmp_path / "run")
+    grid = Grid([4], [3e-2], [4], ["default"], [0], [6], eval_interval=3)
+    lines: list[str] = []
+    table = record(study, grid, tmp_path / "c.csv", tmp_path / "work", log=lines.append)
+    rec = load_curves(tmp_path / "c.csv")
+    run = next(iter(rec.runs.values()))
+    # A step-0 row with the base model's loss, then every eval of the engine.
+    assert list(run.steps) == [0, 3, 6] and run.status == "completed"
+    assert run.val_loss[-1] < run.val_loss[0]
+    assert np.all(np.diff(run.elapsed) > 0)
+    # The engine's default mixture is written out, and marked as the default one.
+    mix = table.filter(like="mix.").iloc[0]
+    assert mix.sum() == pytest.approx(1.0) and rec.default_mix is not None
+    assert len(lines) == 1
+    # A second call finds the run recorded and only reassembles the file.
+    record(study, grid, tmp_path / "c.csv", tmp_path / "work", log=lines.append)
+    assert len(lines) == 1
