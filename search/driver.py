@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import threading
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -43,9 +42,10 @@ from typing import Any
 
 import optuna
 from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
-from budgetune.engine.events import EvalEvent, RunResult
+from budgetune.engine.events import RunResult
 from budgetune.search.backends import TrialBackend, final_val_loss
 from budgetune.search.ledger import Ledger, Meter, Reservation
+from budgetune.search.monitor import FinalReporter, Heartbeat, TrialReporter
 from budgetune.search.progress import NullProgress, Progress
 from budgetune.search.space import AlphaRatio
 from budgetune.search.study import Study
@@ -59,111 +59,6 @@ MAX_SKIPS = 100
 def new_worker_id() -> str:
     """host:pid:uuid, recorded on every trial and ledger row."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-class _Heartbeat:
-    """Records Optuna heartbeats for a running trial, so a later multi-worker resume can tell
-    a dead worker's trial (stale heartbeat) from a live one."""
-
-    def __init__(self, storage: Any, trial_id: int, interval_s: float) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._beat, args=(storage, trial_id, interval_s), daemon=True
-        )
-
-    def _beat(self, storage: Any, trial_id: int, interval_s: float) -> None:
-        while True:
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # the next beat retries; a dead storage shows up elsewhere
-                pass
-            if self._stop.wait(interval_s):
-                return
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class _TrialReporter:
-    """The Reporter a backend gets for one trial: ledger charges, pruning, stop checks."""
-
-    def __init__(self, driver: Driver, trial: optuna.Trial, reservation: Reservation) -> None:
-        self.d = driver
-        self.trial = trial
-        self.reservation = reservation
-        self.current: str | None = None
-        self.costs = {"setup": 0.0, "train": 0.0, "eval": 0.0}
-        self.pruned = self.interrupted = self.out_of_time = False
-        self.last: EvalEvent | None = None
-
-    @property
-    def charged(self) -> float:
-        return sum(self.costs.values())
-
-    def phase(self, name: str | None) -> None:
-        if self.current is not None:
-            s = self.d.meter.charge(self.current, self.trial.number, self.reservation)
-            self.costs[self.current] += s
-        self.current = name
-
-    def report(self, event: EvalEvent) -> bool:
-        self.phase(self.current or "train")
-        self.last = event
-        val = event.metrics.get("val_loss")
-        if val is not None and math.isfinite(val):
-            self.trial.report(float(val), event.step)
-        self.d.progress.update(
-            self.d.ledger_spent() + self.d.meter.pending(),
-            f"trial {self.trial.number}: step {event.step}, val_loss {val:.4f}",
-        )
-        if self.trial.should_prune():
-            self.pruned = True
-            return True
-        return False
-
-    def should_stop(self) -> bool:
-        if self.d.stop_requested:
-            self.interrupted = True
-            return True
-        if self.charged + self.d.meter.pending() >= self.reservation.seconds:
-            self.out_of_time = True
-            return True
-        return False
-
-
-class _FinalReporter:
-    """The final run's Reporter: everything is `final`; stops at the budget's hard limit."""
-
-    def __init__(self, driver: Driver, limit_s: float, spent_s: float) -> None:
-        self.d = driver
-        self.limit_s = limit_s
-        self.spent_s = spent_s
-        self.curve: list[EvalEvent] = []
-        self.interrupted = self.out_of_time = False
-
-    def phase(self, name: str | None) -> None:
-        self.spent_s += self.d.meter.charge("final")
-
-    def report(self, event: EvalEvent) -> bool:
-        self.phase("final")
-        self.curve.append(event)
-        val = event.metrics.get("val_loss", float("nan"))
-        self.d.progress.update(self.spent_s, f"final run: step {event.step}, val_loss {val:.4f}")
-        return False
-
-    def should_stop(self) -> bool:
-        if self.d.stop_requested:
-            self.interrupted = True
-            return True
-        if self.spent_s + self.d.meter.pending() >= self.limit_s:
-            self.out_of_time = True
-            return True
-        return False
 
 
 @dataclass
@@ -331,11 +226,11 @@ class Driver:
             return True
         self.progress.trial(trial.number, params)
         self.meter.charge("overhead")
-        reporter = _TrialReporter(self, trial, res)
+        reporter = TrialReporter(self, trial, res)
         reporter.phase("setup")
         extra: dict[str, Any] = {}
         try:
-            with _Heartbeat(self.storage, tid, self.storage.get_heartbeat_interval() or 60):
+            with Heartbeat(self.storage, tid, self.storage.get_heartbeat_interval() or 60):
                 result = self.backend.run(config, reporter, resume=prior is not None)
             if reporter.interrupted:
                 reporter.phase(None)
@@ -435,7 +330,7 @@ class Driver:
         trial: optuna.Trial,
         outcome: str,
         state: TrialState,
-        reporter: _TrialReporter | None = None,
+        reporter: TrialReporter | None = None,
         extra: dict[str, Any] | None = None,
         *,
         value: float | None = None,
@@ -562,7 +457,7 @@ class Driver:
         max_seconds = max(1.0, claim.allotment_s - b.final_tail - b.trial_setup_s)
         config = self.study.run_config(final_dir, params, max_seconds=max_seconds)
         spent = self._refresh_spent()
-        reporter = _FinalReporter(self, b.total_s - b.final_tail, spent)
+        reporter = FinalReporter(self, b.total_s - b.final_tail, spent)
         self.progress.log(
             f"final run: trial {claim.config.get('trial')}'s configuration, {max_seconds:.0f} s"
         )
