@@ -154,13 +154,18 @@ class ReplayBackend:
         self.history.append(ReplayedRun(cid, run.run_id, key, step, elapsed, value, status, config))
         return RunResult(status, step, run.tokens_at(step), elapsed, metrics, curve, config.out_dir)
 
-    def score(self, result: RunResult) -> Score:
+    def score(self, result: RunResult, previous: list[float] | None = None) -> Score:
+        """The objective at the run's end; `eval_s` virtual seconds (no holdout tasks here)."""
         self._clock.sleep(self.eval_s)
         val = float(result.metrics.get("val_loss", float("nan")))
         if self.objective == "score" and self._last is not None:
             run, step = self._last
             return Score(run.value_at(step, "score"), {"val_loss": val}, self.eval_s)
         return Score(val, {}, self.eval_s)
+
+    def score_final(self, result: RunResult) -> Score:
+        """The final model's eval: the same objective, at the same virtual cost."""
+        return self.score(result)
 
     def export(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)
