@@ -185,8 +185,12 @@ def _initial_loss(run_dir: Path) -> float:
 
 
 def record(study: Study, grid: Grid, out: Path, work_dir: Path, score: bool = False,
-           log: Any = print) -> pd.DataFrame:  # fmt: skip
-    """Record every grid point not yet recorded under `work_dir`, then write `out`."""
+           log: Any = print, shard: tuple[int, int] = (0, 1)) -> pd.DataFrame | None:  # fmt: skip
+    """Record every grid point not yet recorded under `work_dir`, then write `out`.
+
+    `shard=(i, n)` records every n-th configuration-and-seed from the i-th, so n processes
+    share a grid; whichever finds every point recorded writes `out` (the others return None).
+    """
     from budgetune.engine.model import Worker
 
     parts = work_dir / "parts"
@@ -196,7 +200,8 @@ def record(study: Study, grid: Grid, out: Path, work_dir: Path, score: bool = Fa
     evaluator: Any = None
     for i, point in enumerate(points):
         part = parts / f"{point.run_id}.csv"
-        if part.exists():
+        # Shards split by configuration and seed, so each gets every horizon's share.
+        if part.exists() or (i // len(grid.horizons)) % shard[1] != shard[0]:
             continue
         if worker is None:
             worker = Worker(study.model.name, precision=study.model.precision,
@@ -216,6 +221,9 @@ def record(study: Study, grid: Grid, out: Path, work_dir: Path, score: bool = Fa
         log(f"[{i + 1}/{len(points)}] {point.run_id}: {last['status']}, step {last['step']}, "
             f"val_loss {last['val_loss']:.4f}, {last['elapsed_s']:.1f} cpu-s "
             f"({time.perf_counter() - t:.0f} s wall)")  # fmt: skip
+    if not all((parts / f"{p.run_id}.csv").exists() for p in points):
+        log("other shards are still recording; the last one to finish writes the file")
+        return None
     table = pd.concat([pd.read_csv(parts / f"{p.run_id}.csv") for p in points], ignore_index=True)
     write_curves(table, out)
     return table
@@ -253,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--horizons", default="240,60", help="optimizer steps, comma-separated")
     p.add_argument("--eval-interval", type=int, default=5)
     p.add_argument("--score", action="store_true", help="record the study's [eval] objective")
+    p.add_argument("--shard", default="0/1", help="i/n: record every n-th run from the i-th")
     a = p.parse_args(argv)
     try:
         study = load_study(a.study)
@@ -264,11 +273,15 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
         for m in grid.mixes:
             mix_weights(m, [s.name for s in study.data.sources])
-        table = record(study, grid, a.out, a.work_dir, a.score)
+        i, _, n = a.shard.partition("/")
+        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+            raise UserInputError(f"--shard {a.shard}: expected i/n with 0 <= i < n")
+        table = record(study, grid, a.out, a.work_dir, a.score, shard=(int(i), int(n)))
     except UserInputError as e:
         print(f"record_curves: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {a.out}: {table['run_id'].nunique()} runs, {len(table)} rows")
+    if table is not None:
+        print(f"wrote {a.out}: {table['run_id'].nunique()} runs, {len(table)} rows")
 
 
 if __name__ == "__main__":
