@@ -170,3 +170,17 @@ def test_default_run_dir_is_under_the_working_directory(tmp_path: Path, monkeypa
     # an explicit override wins over the file's value, storage follows it
     s = load_study_text(GOOD, tmp_path, run_dir=tmp_path / "r2")
     assert s.storage.endswith("/r2/study.db")
+
+
+def test_the_cli_reports_a_bad_study_file_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    f = tmp_path / "bad.toml"
+    f.write_text(GOOD.replace("total_s = 100", "total_s = -5"))
+    cli = [sys.executable, "-c", "from budgetune.search.cli import main; main()"]
+    p = subprocess.run([*cli, "plan", str(f)], capture_output=True, text=True, timeout=60)
+    # a user mistake: exit 2, one line naming the file and the key, no traceback
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "budget.total_s must be > 0" in p.stderr
+    assert str(f) in p.stderr and "Traceback" not in p.stderr
