@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +89,8 @@ def test_lr_warmup_is_capped_at_half_a_short_horizon() -> None:
 @pytest.mark.slow
 def test_fixed_hyperparameter_run_lowers_validation_loss(worker: Worker, tmp_path, cache_dir):
     config = make_config(
-        tmp_path / "run", cache_dir, max_steps=40, eval_interval=20, learning_rate=1e-2,
-        warmup_steps=4, lora=LoraSettings(r=16, alpha=32, targets="all-linear"),
+        tmp_path / "run", cache_dir, max_steps=16, eval_interval=8, learning_rate=1e-2,
+        warmup_steps=2, lora=LoraSettings(r=16, alpha=32, targets="all-linear"),
     )  # fmt: skip
     result = worker.run(config)
     initial, final = result.metrics["initial_val_loss"], result.metrics["val_loss"]
@@ -290,42 +291,38 @@ from test_train import make_config
 from budgetune.engine.errors import OutOfMemory
 from budgetune.engine.memory import rss_bytes
 from budgetune.engine.train import Worker
-out, cache, oom_first = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+out, cache = Path(sys.argv[1]), Path(sys.argv[2])
 w = Worker({model!r}, quiet=True)
-if oom_first:
-    big = make_config(out / "big", cache, micro_batch=32, global_batch=32, max_seq_length=512,
-                      memory_cap_bytes=rss_bytes() + 400 * 2**20)
-    try:
-        w.run(big)
-        raise SystemExit("expected OutOfMemory")
-    except OutOfMemory as e:
-        oom_peak = e.peak_memory_bytes
-else:
-    oom_peak = 0
-r = w.run(make_config(out / "good", cache))
-print(json.dumps({{"peak": r.metrics["peak_memory_bytes"], "oom_peak": oom_peak}}))
+fresh = w.run(make_config(out / "fresh", cache)).metrics["peak_memory_bytes"]
+big = make_config(out / "big", cache, micro_batch=32, global_batch=32, max_seq_length=512,
+                  memory_cap_bytes=rss_bytes() + 400 * 2**20)
+try:
+    w.run(big)
+    raise SystemExit("expected OutOfMemory")
+except OutOfMemory as e:
+    oom = e.peak_memory_bytes
+after = w.run(make_config(out / "after", cache)).metrics["peak_memory_bytes"]
+print(json.dumps({{"fresh": fresh, "oom": oom, "after": after}}))
 """
 
 
 @pytest.mark.slow
 def test_after_oom_the_next_run_peaks_like_a_fresh_process(tmp_path, cache_dir) -> None:
+    # One new process: a run as the first thing it does, an OOM, the same run again.
     script = _PEAK_SCRIPT.format(here=str(Path(__file__).parent), model=str(MODEL))
-    peaks = {}
-    for oom_first in ("1", "0"):
-        out = subprocess.run(
-            [sys.executable, "-c", script, str(tmp_path / oom_first), str(cache_dir), oom_first],
-            capture_output=True, text=True, timeout=300,
-            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        peaks[oom_first] = json.loads(out.stdout.strip().splitlines()[-1])
-    after_oom, fresh = peaks["1"]["peak"], peaks["0"]["peak"]
-    print(f"OOM run peak {peaks['1']['oom_peak'] / 2**20:.0f} MiB; good run after it "
-          f"{after_oom / 2**20:.0f} MiB, in a fresh process {fresh / 2**20:.0f} MiB")  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(cache_dir)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = {k: round(v / 2**20) for k, v in peak.items()}
+    print(f"peak MiB: fresh {mib['fresh']}, OOM run {mib['oom']}, same run after {mib['after']}")
     # The OOM run really grew well past the good run's peak...
-    assert peaks["1"]["oom_peak"] > fresh + 200 * 2**20
-    # ...and the good run after it peaks as it does in a fresh process (RSS noise: 5%).
-    assert abs(after_oom - fresh) <= 0.05 * fresh
+    assert peak["oom"] > peak["fresh"] + 200 * 2**20
+    # ...and afterwards the good run peaks as it did fresh (RSS noise: 5%).
+    assert abs(peak["after"] - peak["fresh"]) <= 0.05 * peak["fresh"]
 
 
 # --- precision and compatibility -------------------------------------------------------------
@@ -335,8 +332,10 @@ def test_after_oom_the_next_run_peaks_like_a_fresh_process(tmp_path, cache_dir) 
                          [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)])
 def test_bf16_precisions_train_on_cpu(tmp_path, cache_dir, precision, dtype) -> None:
     w = Worker(str(MODEL), precision=precision, quiet=True)
-    result = w.run(make_config(tmp_path / "run", cache_dir, precision=precision, max_steps=2))
-    assert math.isfinite(result.metrics["val_loss"]) and result.step == 2
+    config = make_config(tmp_path / "run", cache_dir, precision=precision, max_steps=1,
+                         eval_interval=1, eval_examples=4)  # fmt: skip
+    result = w.run(config)
+    assert math.isfinite(result.metrics["val_loss"]) and result.step == 1
     lora = [p for n, p in w.model.named_parameters() if "lora_" in n]
     assert lora and {p.dtype for p in lora} == {dtype}
 
