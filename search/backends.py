@@ -16,6 +16,7 @@ hands every `EvalEvent` to `report` (True means: stop, this trial is pruned), an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -94,8 +95,8 @@ class TrialBackend(Protocol):
         """The short-horizon eval of the run just trained (in memory); `previous` holds the
         objective values of earlier trials (holdout tasks run only on the best ones)."""
 
-    def score_final(self, result: RunResult) -> Score:
-        """The final model's full eval (in memory)."""
+    def score_final(self, result: RunResult, seconds_left: float | None = None) -> Score:
+        """The final model's full eval (in memory), within `seconds_left` when given."""
 
     def export(self, out_dir: Path) -> Path:
         """Merge the last run's adapter into the base and save it; returns the folder."""
@@ -125,6 +126,9 @@ class EngineBackend:
         self.objective: Objective = objective or ValLossObjective()
         self.quiet = quiet
         self.worker: Any = None
+        self._eval_docs_per_s = 0.0
+        self.final_eval_limit: int | None = None
+        """Examples per task the final eval was cut to (None: as configured)."""
         # Import torch & co. now, before the driver's clock starts: that is process start-up,
         # not time the worker holds the GPU (the model load in setup() is, and is charged).
         from budgetune.engine.train import Worker
@@ -153,21 +157,47 @@ class EngineBackend:
             float(s.seconds),
             search_score=getattr(s, "search_score", None),
         )
+        docs = sum(int(t.get("n_examples", 0)) for t in score.tasks.values())
+        if docs and s.seconds > 0:
+            self._eval_docs_per_s = docs / float(s.seconds)
         is_candidate = getattr(self.objective, "is_holdout_candidate", None)
         if is_candidate is not None and is_candidate(score.value, previous or []):
             h = self.objective.holdout(model, tok, out_dir=out)  # type: ignore[attr-defined]
             score.holdout_score, score.seconds = h.score, score.seconds + h.seconds
         return score
 
-    def score_final(self, result: RunResult) -> Score:
+    def score_final(self, result: RunResult, seconds_left: float | None = None) -> Score:
         val = final_val_loss(result)
-        final = getattr(self.objective, "final", None)
+        objective = self._capped(seconds_left)
+        final = getattr(objective, "final", None)
         if final is None:
             return Score(float("nan") if val is None else val)
         f = final(self.worker.model, self.worker.tokenizer, out_dir=result.out_dir)
         holdout = f.holdout.score if f.holdout is not None else None
         return Score(float("nan") if val is None else val, dict(f.tasks), float(f.seconds),
                      search_score=f.search_score, holdout_score=holdout)  # fmt: skip
+
+    def _capped(self, seconds_left: float | None) -> Any:
+        """The objective, with the final eval's example limits cut to fit `seconds_left`.
+
+        The rate is the documents per second the trials' evals reached; 80% of the time
+        left is split evenly over the final's tasks (final, search and holdout). Without a
+        measured rate (no trial was scored by tasks) the final eval runs as configured.
+        """
+        settings = getattr(self.objective, "settings", None)
+        if seconds_left is None or settings is None or not self._eval_docs_per_s:
+            return self.objective
+        n_tasks = len(settings.final) + len(settings.search) + len(settings.holdout)
+        if not n_tasks:
+            return self.objective
+        cap = max(1, int(0.8 * max(0.0, seconds_left) * self._eval_docs_per_s / n_tasks))
+        capped = [
+            dataclasses.replace(t, limit=min(t.limit, cap) if t.limit else cap)
+            for t in settings.final
+        ]
+        self.final_eval_limit = cap
+        new = dataclasses.replace(settings, final=capped)
+        return type(self.objective)(new, self.objective.work_dir)  # type: ignore[attr-defined]
 
     def export(self, out_dir: Path) -> Path:
         return Path(self.worker.export_merged(Path(out_dir)))
@@ -319,7 +349,7 @@ class FakeBackend:
         self.sleep(self.eval_s)
         return Score(value=float(result.metrics["val_loss"]), seconds=self.eval_s)
 
-    def score_final(self, result: RunResult) -> Score:
+    def score_final(self, result: RunResult, seconds_left: float | None = None) -> Score:
         return self.score(result)
 
     def export(self, out_dir: Path) -> Path:

@@ -31,6 +31,7 @@ ledger is written, the trial stays RUNNING (the next resume continues it) and
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import socket
@@ -477,7 +478,9 @@ class Driver:
         if reporter.interrupted:
             reporter.phase(None)
             raise KeyboardInterrupt
-        score = self.backend.score_final(result)
+        # What is left for the final eval: the budget, minus what export needs (half the tail).
+        left = b.total_s - reporter.spent_s - self.meter.pending() - b.final_tail / 2
+        score = self._score_final(result, left)
         reporter.phase(None)
         export_dir = self.backend.export(final_dir / "export")
         reporter.phase(None)
@@ -487,6 +490,7 @@ class Driver:
             "final.tasks": score.tasks,
             "final.search_score": score.search_score,
             "final.holdout_score": score.holdout_score,
+            "final.eval_limit": getattr(self.backend, "final_eval_limit", None),
             "final.steps": result.step,
             "final.tokens_seen": result.tokens_seen,
             "final.train_s": result.elapsed_s,
@@ -496,6 +500,14 @@ class Driver:
                if k in ("tokens_per_s", "peak_memory_bytes", "padding_fraction")},
         })  # fmt: skip
         self._close_final(attrs)
+
+    def _score_final(self, result: RunResult, seconds_left: float) -> Any:
+        """The backend's final eval, told the seconds left when it accepts them (backends
+        written before `seconds_left` joined the protocol take the result alone)."""
+        params = inspect.signature(self.backend.score_final).parameters
+        if "seconds_left" in params:
+            return self.backend.score_final(result, seconds_left=seconds_left)
+        return self.backend.score_final(result)
 
     def _close_final(self, attrs: dict[str, Any]) -> None:
         attrs["final.cost_s"] = (
