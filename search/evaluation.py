@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -368,8 +369,11 @@ class Evaluator:
             self._task_manager()
 
     def _evaluate(self, model: Any, tokenizer: Any, requests: list[TaskRequest]) -> EvalReport:
+        start = time.perf_counter()
         manager = self._task_manager()
-        return evaluate(
+        # The first eval also pays lm-eval's import and task index: GPU time like the rest.
+        setup_s = time.perf_counter() - start
+        report = evaluate(
             model,
             tokenizer,
             requests,
@@ -377,6 +381,8 @@ class Evaluator:
             batch_size=self.settings.batch_size,
             offline=self._offline,
         )
+        report.seconds += setup_s
+        return report
 
     def score_trial(
         self, model: Any, tokenizer: Any, val_loss: float | None, out_dir: Path | None = None
