@@ -236,3 +236,26 @@ def test_peft_in_memory_matches_merged_export_through_lm_eval(
     assert mem.n_examples == out["n-samples"][task]["effective"] == n
     assert mem.value == pytest.approx(got["acc,none"])
     assert mem.metrics["acc_norm,none"] == pytest.approx(got["acc_norm,none"])
+
+
+@pytest.mark.gpu
+def test_bf16_cuda_model_in_memory_matches_its_export(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda")
+    request = [TaskRequest("quickstart_heldout_mc", 40)]
+    memory = evaluate(model, tokenizer, request, include_paths=[tasks_dir])
+    # lm-eval ran the model where it lives: nothing was moved back to the CPU.
+    assert next(model.parameters()).device.type == "cuda"
+    model.save_pretrained(tmp_path / "export")
+    tokenizer.save_pretrained(tmp_path / "export")
+    exported = evaluate_pretrained(
+        tmp_path / "export", request, include_paths=[tasks_dir], device="cuda", dtype="bfloat16"
+    )
+    assert memory.tasks[0].value == pytest.approx(exported.tasks[0].value)
+    assert memory.tasks[0].n_examples == exported.tasks[0].n_examples == 40
