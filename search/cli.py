@@ -85,6 +85,11 @@ def merge(
 # --- search: a budgeted study ---------------------------------------------------------
 
 
+HEARTBEAT_OPTION = typer.Option(
+    "--heartbeat-s", min=0.1, help="Seconds between heartbeats; silent 3 beats + 5 s = dead."
+)
+
+
 @app.command()
 def launch(
     study: Annotated[Path, typer.Argument(help="Study file (TOML).")],
@@ -94,24 +99,29 @@ def launch(
     storage: Annotated[
         str | None, typer.Option("--storage", help="SQLAlchemy URL (default: SQLite in run dir).")
     ] = None,
+    heartbeat_s: Annotated[float, HEARTBEAT_OPTION] = 30.0,
 ) -> None:
     """Spend the study's budget: search trials, then train, eval and export the best one."""
     from budgetune.search.launch import launch as run
 
-    run(study, run_dir, storage)
+    run(study, run_dir, storage, heartbeat_s)
 
 
 @app.command()
 def resume(
-    target: Annotated[str, typer.Argument(help="Run directory or storage URL.")],
+    target: Annotated[str | None, typer.Argument(help="Run directory or storage URL.")] = None,
     study: Annotated[
         str | None, typer.Option("--study", help="Study name (default: the only one).")
     ] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="Storage URL: join its study as a worker.")
+    ] = None,
+    heartbeat_s: Annotated[float, HEARTBEAT_OPTION] = 30.0,
 ) -> None:
-    """Continue a stopped or crashed study from its storage alone."""
+    """Continue a stopped or crashed study, or join a running one as one more worker."""
     from budgetune.search.launch import resume as run
 
-    run(target, study)
+    run(target, study, storage, heartbeat_s)
 
 
 @app.command()

@@ -2,15 +2,12 @@
 
 `Driver(study, ostudy, backend).run()` does, in one worker process:
 
-1. Recover: open reservations of dead workers are released (their charges stay); every
-   RUNNING trial left behind is stale (one worker per study for now: any RUNNING trial at
-   start belongs to a dead process). Optuna cannot reopen a finished-or-dead trial, so the
-   stale trial is marked FAIL with `outcome=continued` and its ledger costs as attributes,
-   and a new trial is enqueued with the SAME parameters and user attrs `continues=<old>`,
-   `trial_dir=<old dir>` (the engine resumes from the old checkpoint) and `horizon_s`
-   (the same run config, so the same LR schedule); the old one gets `continued_by=<new>`.
-   The new trial re-reports the old intermediate values for the pruner. Costs are counted
-   once: each trial's cost attributes are its own ledger rows, never its predecessor's.
+1. Recover (before every trial, and while waiting; see `recovery.py`): open reservations
+   of dead workers are released (their charges stay); a RUNNING trial whose worker is dead
+   (see `workers.py`) is closed as FAIL with `outcome=continued`, and a new trial with the
+   SAME parameters, `continues=<old>` and the old trial's directory (the engine resumes from
+   its checkpoint) is enqueued; it re-reports the old intermediate values for the pruner.
+   Costs are counted once: each trial's cost attributes are its own ledger rows.
 2. Search: reserve (see `ledger.py`) -> ask -> sample -> skip a configuration known not to
    fit (at or beyond an OOM'd micro-batch, rank and length: PRUNED, `reason=oom-frontier`,
    zero cost) -> run through the backend, reporting validation loss at optimizer steps to
@@ -18,15 +15,19 @@
    samplers ignore failed trials) with `Trial.set_constraint("oom", 1)`, which TPE uses to
    steer away; diverged trials are PRUNED with their reason; any other error is FAIL with
    its message; none stops the study (a `UserInputError` does: the study itself is wrong).
-3. Final: once no trial can start, the best complete trial's parameters (the default
-   configuration if none completed) are claimed exactly once and trained in
+3. Final: once no trial can start here, the worker claims the final run; the claim succeeds
+   only when no trial is in flight on any worker, so a worker whose search is over waits
+   (idle, not charged) for the others' trials, each of which may free budget for one more
+   trial. Exactly one worker wins the claim; the others stop. The best complete trial's
+   parameters (the default configuration if none completed) are trained in
    `run_dir/final` on everything that remains (`max_seconds` = allotment - tail, so the
    engine fits its schedule to it), scored, merged and exported to `run_dir/final/export`;
    results and paths go into study user attrs `final.*`.
 
 Ctrl-C (`request_stop`) makes the running trial or final run checkpoint and return; the
 ledger is written, the trial stays RUNNING (the next resume continues it) and
-`KeyboardInterrupt` propagates (the CLI exits 130).
+`KeyboardInterrupt` propagates (the CLI exits 130). Many workers may run one study at once,
+each its own `Driver` in its own process (see `workers.py` and the README's "Several GPUs").
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import inspect
 import math
 import os
 import socket
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -42,14 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
+from budgetune.engine.errors import Diverged, OutOfMemory, RunFailed, UserInputError
 from budgetune.engine.events import RunResult
 from budgetune.search.backends import TrialBackend, final_val_loss
-from budgetune.search.ledger import Ledger, Meter, Reservation
+from budgetune.search.ledger import FinalClaim, Ledger, Meter, Reservation
 from budgetune.search.monitor import FinalReporter, Heartbeat, TrialReporter
 from budgetune.search.progress import NullProgress, Progress
+from budgetune.search.recovery import recover
 from budgetune.search.space import AlphaRatio
 from budgetune.search.study import Study
+from budgetune.search.workers import HEARTBEAT_S, WorkerRegistry
 from optuna.trial import TrialState
 
 OUTCOMES = ("complete", "pruned", "oom", "diverged", "failed", "skipped", "continued")
@@ -86,6 +90,7 @@ class Driver:
         *,
         worker_id: str | None = None,
         progress: Progress | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.study = study
         self.ostudy = ostudy
@@ -96,6 +101,10 @@ class Driver:
         b = study.budget
         self.ledger.create(b.total_s, b.final_reserve_s, b.margin)
         self.meter = Meter(self.ledger, backend.clock)
+        self.workers = WorkerRegistry(study.storage, study.name, self.worker_id, heartbeat_s,
+                                      on_evicted=self.request_stop)  # fmt: skip
+        self._poll_s = min(2.0, heartbeat_s)
+        self._said: set[str] = set()
         self.stop_requested = False
         self.storage = ostudy._storage
         self._spent_cache = 0.0
@@ -120,7 +129,17 @@ class Driver:
     def _check_interrupt(self) -> None:
         if self.stop_requested:
             self.meter.charge("overhead")
+            if self.workers.evicted:
+                raise RunFailed(
+                    f"worker {self.worker_id} missed its heartbeats and was presumed dead; "
+                    "another worker took its work over (`budgetune resume` joins again)"
+                )
             raise KeyboardInterrupt
+
+    def say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            self.progress.log(message)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -128,26 +147,60 @@ class Driver:
         """Search until the search share is spent, then the final run; idempotent on resume."""
         b = self.study.budget
         self.progress.begin(self.study.name, b.total_s)
+        self.workers.register()
         try:
-            self._refresh_spent()
-            claim = self.ledger.final_claim()
-            if claim is not None and claim.state == "done":
-                return
-            self._recover()
-            self.backend.setup()
-            self.meter.charge("overhead")
-            if claim is None:
-                skips = 0
-                while True:
-                    more, skipped = self._search_one()
-                    skips = skips + 1 if skipped else 0
-                    if not more or skips >= MAX_SKIPS:
-                        break
-                self._abandon_waiting()
-            self._final()
+            with self.workers.beating():
+                if sum(w.alive for w in self.workers.workers()) > 1:
+                    # the study's seed is taken: another sequence, or workers sample alike
+                    self.ostudy.sampler.reseed_rng()
+                self._refresh_spent()
+                claim = self.ledger.final_claim()
+                if claim is not None and claim.state == "done":
+                    return
+                recover(self)
+                self.backend.setup()
+                self.meter.charge("overhead")
+                claim = self._search()
+                if claim is not None:
+                    self._final(claim)
         finally:
             self.meter.charge("overhead")
+            self.workers.stop()
+            self.workers.close()
             self.progress.end()
+
+    def _search(self) -> FinalClaim | None:
+        """Trials until none can start here, then the final claim (None: not this worker's)."""
+        skips = 0
+        while True:
+            self._check_interrupt()
+            recover(self)
+            if self.ledger.final_claim() is None and skips < MAX_SKIPS:
+                more, skipped = self._search_one()
+                if more:
+                    skips = skips + 1 if skipped else 0
+                    continue
+            claim = self.ledger.claim_final(self._final_params(), is_stale=self.workers.is_dead)
+            if claim is not None:
+                if claim.state == "done":
+                    return None
+                self._abandon_waiting()
+                return claim
+            holder = self.ledger.final_claim()
+            if holder is not None:
+                self.progress.log(f"final run: held by worker {holder.worker_id}; this one stops")
+                return None
+            self._wait_for_trials()
+
+    def _wait_for_trials(self) -> None:
+        """Idle a moment while other workers' trials are in flight (idle time is not spent)."""
+        self.meter.charge("overhead")
+        self.workers.set_activity("waiting")
+        self.say_once("search over here: waiting for the trials in flight on other workers")
+        end = time.monotonic() + self._poll_s
+        while time.monotonic() < end and not self.stop_requested:
+            time.sleep(0.05)
+        self.meter.skip()
 
     def _logical_trials(self) -> list[optuna.trial.FrozenTrial]:
         """Trials that count as one search step each (not skips, not superseded ones)."""
@@ -159,8 +212,11 @@ class Driver:
 
     def _enough(self) -> bool:
         done = self._logical_trials()
-        if self.study.max_trials is not None and len(done) >= self.study.max_trials:
-            return True
+        if self.study.max_trials is not None:
+            # trials in flight on other workers count: max_trials holds across workers
+            running = self.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if len(done) + len(running) >= self.study.max_trials:
+                return True
         if self.study.patience is not None:
             best, since = math.inf, 0
             for t in sorted(done, key=lambda t: t.number):
@@ -189,6 +245,7 @@ class Driver:
             warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
             trial = self.ostudy.ask()
         self.ledger.attach(res, trial.number)
+        self.workers.set_activity("trial", trial.number)
         try:
             skipped = self._run_trial(trial, res)
         finally:
@@ -235,6 +292,8 @@ class Driver:
                 result = self.backend.run(config, reporter, resume=prior is not None)
             if reporter.interrupted:
                 reporter.phase(None)
+                if self.workers.evicted:
+                    return False  # another worker continues this trial: tell it nothing
                 self._set_attrs(tid, self._cost_attrs(reporter.costs))
                 raise KeyboardInterrupt
             extra = self._result_attrs(result)
@@ -338,6 +397,8 @@ class Driver:
         reason: str | None = None,
         infeasible: bool = False,
     ) -> None:
+        if self.workers.evicted:
+            return  # the trial was taken over by another worker while this one was "dead"
         attrs = dict(extra or {})
         attrs.update(self._cost_attrs(reporter.costs if reporter else {}))
         attrs["outcome"] = outcome
@@ -357,62 +418,7 @@ class Driver:
         except ValueError:
             return None
 
-    # --- recovery -----------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Release dead workers' reservations; turn stale RUNNING trials into continuations.
-
-        Order matters for a crash in the middle: the continuation is enqueued first (a
-        WAITING trial, so it has a number), then the stale trial gets its costs and
-        `continued_by`, then it is closed as FAIL. A rerun finds the WAITING trial and does
-        not enqueue a second one.
-        """
-        self.ledger.release_stale(lambda worker: True)
-        costs = self.ledger.trial_costs()
-        final_claimed = self.ledger.final_claim() is not None
-        for t in self.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker_id") == self.worker_id:
-                continue
-            attrs: dict[str, Any] = self._cost_attrs(costs.get(t.number, {}))
-            if final_claimed:
-                attrs.update({"outcome": "failed", "reason": "its worker stopped"})
-            else:
-                attrs.update(
-                    {
-                        "outcome": "continued",
-                        "reason": "its worker stopped; continued by a new trial",
-                        "continued_by": self._continuation(t),
-                    }
-                )
-            self._set_attrs(t._trial_id, attrs)
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self.progress.log(f"trial {t.number}: left running by a stopped worker, continued")
-
-    def _continuation(self, t: optuna.trial.FrozenTrial) -> int:
-        """The number of the WAITING trial that continues `t` (enqueued if not there yet)."""
-
-        def find() -> int | None:
-            for w in self.ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                if w.user_attrs.get("continues") == t.number:
-                    return w.number
-            return None
-
-        number = find()
-        if number is None:
-            a = t.user_attrs
-            self.ostudy.enqueue_trial(
-                t.params,
-                user_attrs={
-                    "continues": t.number,
-                    "trial_dir": a.get("trial_dir"),
-                    "horizon_s": a.get("horizon_s"),
-                    "prior_reserved_s": a.get("reserved_s", 0.0),
-                    "prior_cost_s": sum(self.ledger.trial_costs().get(t.number, {}).values()),
-                },
-            )
-            number = find()
-        assert number is not None
-        return number
+    # --- the end of the search ---------------------------------------------------------
 
     def _abandon_waiting(self) -> None:
         """Continuations the search budget could not hold are closed, not left WAITING."""
@@ -432,7 +438,6 @@ class Driver:
         try:
             best = self.ostudy.best_trial
         except ValueError:
-            self.progress.log("no trial completed: the final run uses the default configuration")
             return {"trial": None, "params": {}}
         params = dict(best.params)
         weights = {
@@ -444,15 +449,13 @@ class Driver:
             params["lora_alpha"] = best.user_attrs["lora_alpha"]
         return {"trial": best.number, "params": params, "value": best.value}
 
-    def _final(self) -> None:
+    def _final(self, claim: FinalClaim) -> None:
         self._check_interrupt()
         b = self.study.budget
         self.meter.charge("overhead")
-        claim = self.ledger.claim_final(self._final_params(), is_stale=lambda worker: True)
-        if claim is None:
-            raise RuntimeError("the final run could not be claimed while trials are in flight")
-        if claim.state == "done":
-            return
+        self.workers.set_activity("final")
+        if claim.config.get("trial") is None:
+            self.progress.log("no trial completed: the final run uses the default configuration")
         params = dict(claim.config.get("params") or {})
         final_dir = self.study.run_dir / "final"
         max_seconds = max(1.0, claim.allotment_s - b.final_tail - b.trial_setup_s)
@@ -477,7 +480,7 @@ class Driver:
             return
         if reporter.interrupted:
             reporter.phase(None)
-            raise KeyboardInterrupt
+            self._check_interrupt()
         # What is left for the final eval: the budget, minus what export needs (half the tail).
         left = b.total_s - reporter.spent_s - self.meter.pending() - b.final_tail / 2
         score = self._score_final(result, left)

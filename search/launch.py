@@ -3,6 +3,9 @@
 Ctrl-C once: the trial (or final run) in flight checkpoints, the ledger is written, the
 command exits 130 ("interrupted") and `budgetune resume` continues where it stopped. Ctrl-C
 twice: stop at once (the next resume still continues from the last checkpoint).
+
+Several workers: `launch` once with a `postgresql://` storage, then on every other GPU
+`resume --storage URL --study NAME` joins the same study (see `workers.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from budgetune.engine.errors import UserInputError
 from budgetune.search.backends import EngineBackend, FakeBackend, TrialBackend
 from budgetune.search.driver import Driver
 from budgetune.search.ledger import Ledger
@@ -20,6 +24,7 @@ from budgetune.search.progress import Progress, make_progress
 from budgetune.search.status import collect, format_status
 from budgetune.search.storage import create_or_load, load_from_storage, open_storage
 from budgetune.search.study import Study, load_study
+from budgetune.search.workers import HEARTBEAT_S
 
 
 def make_backend(study: Study) -> TrialBackend:
@@ -39,11 +44,13 @@ def run_study(
     ostudy: optuna.Study,
     backend: TrialBackend | None = None,
     progress: Progress | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> str:
     """Run the driver with Ctrl-C handling; returns the end-of-run summary text."""
     driver = Driver(
-        study, ostudy, backend or make_backend(study), progress=progress or make_progress()
-    )
+        study, ostudy, backend or make_backend(study), progress=progress or make_progress(),
+        heartbeat_s=heartbeat_s,
+    )  # fmt: skip
 
     def _on_sigint(signum: int, frame: Any) -> None:
         print(
@@ -63,31 +70,47 @@ def run_study(
     return format_status(report, summary=True)
 
 
-def _run_and_print(study: Study, ostudy: optuna.Study) -> None:
+def _run_and_print(study: Study, ostudy: optuna.Study, heartbeat_s: float) -> None:
     """Run, print the summary; Ctrl-C exits 130 here (typer would turn it into a return code)."""
     try:
-        summary = run_study(study, ostudy)
+        summary = run_study(study, ostudy, heartbeat_s=heartbeat_s)
     except KeyboardInterrupt:
-        print(
-            f"budgetune: interrupted; continue with `budgetune resume {study.run_dir}`",
-            file=sys.stderr,
+        where = (
+            str(study.run_dir)
+            if study.storage.startswith("sqlite")
+            else f"--storage {study.storage} --study {study.name}"
         )
+        print(f"budgetune: interrupted; continue with `budgetune resume {where}`", file=sys.stderr)
         raise SystemExit(130) from None
     print(summary)
 
 
-def launch(path: Path, run_dir: Path | None = None, storage: str | None = None) -> None:
+def launch(
+    path: Path,
+    run_dir: Path | None = None,
+    storage: str | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
+) -> None:
     """`budgetune launch study.toml`: start a study (or continue it, if this file started it)."""
     study = load_study(path, run_dir=run_dir, storage=storage)
     study.run_dir.mkdir(parents=True, exist_ok=True)
     ostudy = create_or_load(study, open_storage(study.storage))
-    _run_and_print(study, ostudy)
+    _run_and_print(study, ostudy, heartbeat_s)
 
 
-def resume(target: str, name: str | None = None) -> None:
-    """`budgetune resume <run dir | storage URL>`: continue a study from its storage alone."""
-    study, ostudy = load_from_storage(target, name)
-    _run_and_print(study, ostudy)
+def resume(
+    target: str | None,
+    name: str | None = None,
+    storage: str | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
+) -> None:
+    """`budgetune resume <run dir | storage URL>` or `resume --storage URL --study NAME`:
+    continue a study from its storage alone, or join it as one more worker."""
+    if (target is None) == (storage is None):
+        raise UserInputError("resume: give a run directory or storage URL, or --storage URL")
+    study, ostudy = load_from_storage(target or str(storage), name)
+    study.run_dir.mkdir(parents=True, exist_ok=True)
+    _run_and_print(study, ostudy, heartbeat_s)
 
 
 def ledger_for(study: Study) -> Ledger:

@@ -407,6 +407,52 @@ class Ledger:
         with self._engine.connect() as conn:
             return self._claim(conn)
 
+    def claim(self, what: str, is_stale: Callable[[str], bool]) -> bool:
+        """Take the one-off job `what` (e.g. `continue:7`) for this worker, exactly once.
+
+        True if this worker holds it now: it was free, already ours, or held by a dead
+        worker (taken over: the job must be written to be redone idempotently).
+        """
+        with self._txn() as conn:
+            row = conn.execute(
+                sa.select(CLAIMS.c.worker_id).where(
+                    CLAIMS.c.study_name == self.study_name, CLAIMS.c.what == what
+                )
+            ).first()
+            now = time.time()
+            if row is None:
+                conn.execute(
+                    CLAIMS.insert().values(
+                        study_name=self.study_name, what=what, worker_id=self.worker_id,
+                        state="claimed", allotment_s=0.0, config="{}", created_at=now,
+                        updated_at=now,
+                    )
+                )  # fmt: skip
+                return True
+            if row.worker_id == self.worker_id:
+                return True
+            if not is_stale(row.worker_id):
+                return False
+            conn.execute(
+                CLAIMS.update()
+                .where(CLAIMS.c.study_name == self.study_name, CLAIMS.c.what == what)
+                .values(worker_id=self.worker_id, updated_at=now)
+            )
+            return True
+
+    def reservation_owners(self) -> dict[int, str]:
+        """Trial number -> the worker that reserved its budget (the latest reservation)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(RESERVATIONS.c.trial_number, RESERVATIONS.c.worker_id)
+                .where(
+                    RESERVATIONS.c.study_name == self.study_name,
+                    RESERVATIONS.c.trial_number.is_not(None),
+                )
+                .order_by(RESERVATIONS.c.id)
+            ).all()
+        return {int(n): w for n, w in rows}
+
     def claim_final(
         self, config: dict[str, Any], is_stale: Callable[[str], bool]
     ) -> FinalClaim | None:

@@ -54,11 +54,14 @@ def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=study.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # multivariate is "experimental" in Optuna's terms
+        # constant_liar: trials running on other workers count as bad ones, so workers
+        # sharing the study do not all sample the same promising point
         return optuna.samplers.TPESampler(
             seed=study.seed,
             n_startup_trials=study.sampler.n_startup_trials,
             multivariate=study.sampler.multivariate,
             warn_independent_sampling=False,
+            constant_liar=True,
         )
 
 
