@@ -17,7 +17,10 @@ import optuna
 from budgetune.search.ledger import Ledger, Totals
 from budgetune.search.progress import describe
 from budgetune.search.study import Study
+from budgetune.search.workers import WorkerInfo, describe_worker, list_workers
 
+MAX_DEAD_SHOWN = 4
+"""`status` lists every live worker and only the most recent dead ones."""
 RUNNING_WINDOW_S = 120.0
 """A study whose last ledger row is younger than this (or has a RUNNING trial) is running."""
 
@@ -36,6 +39,8 @@ class StatusReport:
     final: dict[str, Any] = field(default_factory=dict)
     running: bool = False
     last_activity: float | None = None
+    workers: list[WorkerInfo] = field(default_factory=list)
+    """Every worker that joined the study (`workers.py`), oldest first."""
 
     @property
     def finished(self) -> bool:
@@ -75,7 +80,9 @@ def collect(study: Study, ostudy: optuna.Study, ledger: Ledger) -> StatusReport:
     entries = ledger.entries()
     r.last_activity = entries[-1].created_at if entries else None
     recent = r.last_activity is not None and time.time() - r.last_activity < RUNNING_WINDOW_S
-    r.running = not r.finished and (recent or states.get("running", 0) > 0)
+    r.workers = list_workers(study.storage, study.name)
+    live = any(w.alive for w in r.workers)
+    r.running = not r.finished and (recent or live or states.get("running", 0) > 0)
     return r
 
 
@@ -122,6 +129,14 @@ def format_status(r: StatusReport, *, summary: bool = False) -> str:
             lines.append(f"  reason   {f['reason']}")
     elif t.final is not None:
         lines.append("  final    claimed, not finished (resume continues it)")
+    if r.workers and not summary:
+        alive = [w for w in r.workers if w.alive]
+        dead = [w for w in r.workers if not w.alive]
+        lines.append(f"  workers  {len(alive)} alive, {len(dead)} dead")
+        shown = alive + dead[-MAX_DEAD_SHOWN:]
+        lines.extend(f"    {describe_worker(w)}" for w in sorted(shown, key=lambda w: w.started_at))
+        if len(dead) > MAX_DEAD_SHOWN:
+            lines.append(f"    (+{len(dead) - MAX_DEAD_SHOWN} older dead workers)")
     if not summary:
         if r.finished:
             pass

@@ -257,27 +257,7 @@ class WorkerRegistry:
     def workers(self) -> list[WorkerInfo]:
         """Every worker that ever joined the study, oldest first, with its liveness."""
         with self._engine.connect() as conn:
-            now = float(conn.execute(sa.select(self._now())).scalar_one())
-            rows = conn.execute(
-                sa.select(WORKERS)
-                .where(WORKERS.c.study_name == self.study_name)
-                .order_by(WORKERS.c.started_at)
-            ).all()
-        out = []
-        for r in rows:
-            age = max(0.0, now - r.heartbeat_at)
-            why = ""
-            if r.activity in ("stopped", "dead"):
-                why = r.activity
-            elif self._key and r.host_key == self._key and _process_gone(r.pid, r.process_start):
-                why = "process gone"
-            elif age > grace_s(r.heartbeat_s):
-                why = f"no heartbeat for {age:.0f} s"
-            out.append(
-                WorkerInfo(r.worker_id, r.host, r.pid, r.device, r.activity, r.trial_number,
-                           r.started_at, r.heartbeat_at, r.heartbeat_s, age, not why, why)
-            )  # fmt: skip
-        return out
+            return _read(conn, self.study_name, self._key)
 
     def liveness(self) -> dict[str, bool]:
         """worker id -> alive, for every registered worker (this one always alive)."""
@@ -319,6 +299,51 @@ class WorkerRegistry:
             "several workers launch the study with --storage postgresql://... and join it "
             "with `budgetune resume --storage postgresql://... --study NAME`"
         )
+
+
+def _read(conn: sa.Connection, study_name: str, key: str) -> list[WorkerInfo]:
+    now = float(conn.execute(sa.select(db_now_sql(conn.dialect.name))).scalar_one())
+    rows = conn.execute(
+        sa.select(WORKERS).where(WORKERS.c.study_name == study_name).order_by(WORKERS.c.started_at)
+    ).all()
+    out = []
+    for r in rows:
+        age = max(0.0, now - r.heartbeat_at)
+        why = ""
+        if r.activity in ("stopped", "dead"):
+            why = r.activity
+        elif key and r.host_key == key and _process_gone(r.pid, r.process_start):
+            why = "process gone"
+        elif age > grace_s(r.heartbeat_s):
+            why = f"no heartbeat for {age:.0f} s"
+        out.append(
+            WorkerInfo(r.worker_id, r.host, r.pid, r.device, r.activity, r.trial_number,
+                       r.started_at, r.heartbeat_at, r.heartbeat_s, age, not why, why)
+        )  # fmt: skip
+    return out
+
+
+def list_workers(url: str, study_name: str) -> list[WorkerInfo]:
+    """The workers of a study, read without taking any lock (status, reports); [] if none.
+
+    A plain engine: the registry's own opens SQLite transactions with BEGIN IMMEDIATE, and a
+    reader must never take the write lock from running workers.
+    """
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table(WORKERS.name):
+                return []
+            return _read(conn, study_name, host_key())
+    finally:
+        engine.dispose()
+
+
+def describe_worker(w: WorkerInfo) -> str:
+    """One line of `budgetune status`: host, pid, device, what it does, heartbeat, alive."""
+    doing = {"trial": f"trial {w.trial_number}", "final": "final run"}.get(w.activity, w.activity)
+    state = "alive" if w.alive else f"dead ({w.why_dead})"
+    return f"{w.host} pid {w.pid}  {w.device}  {doing}  beat {w.age_s:.0f} s ago  {state}"
 
 
 class _Beating:
