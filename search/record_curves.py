@@ -15,6 +15,10 @@ to source size), `uniform`, or explicit weights such as `dolly=2/alpaca=1`.
 Time: `elapsed_s` is the process CPU time the run used, with torch on one thread, counted
 from the start of the run's setup. The recording machines are shared, so wall time would
 also measure the neighbours; one thread's CPU time is what the run costs on a quiet core.
+Even CPU time varies with the neighbours' load (caches, memory bandwidth: +-20% between
+identical runs here), so the written file replaces each run's times by the median, step by
+step, over the runs that do the same work: same rank, micro-batch, mixture and horizon (the
+learning rate and the seed change the numbers, not the work). `--raw-time` keeps them.
 
 If the study has an `[eval]` section and `--score` is given, the trial objective
 (`search/evaluation.py`) of each run's final model is recorded in `score` on its last row.
@@ -185,7 +189,8 @@ def _initial_loss(run_dir: Path) -> float:
 
 
 def record(study: Study, grid: Grid, out: Path, work_dir: Path, score: bool = False,
-           log: Any = print, shard: tuple[int, int] = (0, 1)) -> pd.DataFrame | None:  # fmt: skip
+           log: Any = print, shard: tuple[int, int] = (0, 1),
+           smooth: bool = True) -> pd.DataFrame | None:  # fmt: skip
     """Record every grid point not yet recorded under `work_dir`, then write `out`.
 
     `shard=(i, n)` records every n-th configuration-and-seed from the i-th, so n processes
@@ -225,8 +230,24 @@ def record(study: Study, grid: Grid, out: Path, work_dir: Path, score: bool = Fa
         log("other shards are still recording; the last one to finish writes the file")
         return None
     table = pd.concat([pd.read_csv(parts / f"{p.run_id}.csv") for p in points], ignore_index=True)
+    if smooth:
+        table = smooth_time(table)
     write_curves(table, out)
     return table
+
+
+def smooth_time(table: pd.DataFrame) -> pd.DataFrame:
+    """Each run's elapsed_s -> the per-step median over runs doing the same work (docstring).
+
+    The pointwise median of non-decreasing series is non-decreasing, so the result is still a
+    valid curves table. Steps only some runs of a group reached (a divergence) keep their own
+    medians over the runs that reached them.
+    """
+    work = [c for c in table.columns if c in ("lora_rank", "micro_batch", "horizon_steps")
+            or c.startswith(MIX_PREFIX)]  # fmt: skip
+    out = table.copy()
+    out["elapsed_s"] = table.groupby([*work, "step"])["elapsed_s"].transform("median")
+    return out
 
 
 def write_curves(table: pd.DataFrame, out: Path) -> None:
@@ -262,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-interval", type=int, default=5)
     p.add_argument("--score", action="store_true", help="record the study's [eval] objective")
     p.add_argument("--shard", default="0/1", help="i/n: record every n-th run from the i-th")
+    p.add_argument("--raw-time", action="store_true", help="keep each run's own CPU times")
     a = p.parse_args(argv)
     try:
         study = load_study(a.study)
@@ -276,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         i, _, n = a.shard.partition("/")
         if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
             raise UserInputError(f"--shard {a.shard}: expected i/n with 0 <= i < n")
-        table = record(study, grid, a.out, a.work_dir, a.score, shard=(int(i), int(n)))
+        table = record(study, grid, a.out, a.work_dir, a.score, shard=(int(i), int(n)),
+                       smooth=not a.raw_time)  # fmt: skip
     except UserInputError as e:
         print(f"record_curves: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -384,3 +384,18 @@ def test_recording_the_engine_writes_a_curves_file_the_replay_loads(tmp_path: Pa
     # A second call finds the run recorded and only reassembles the file.
     record(study, grid, tmp_path / "c.csv", tmp_path / "work", log=lines.append)
     assert len(lines) == 1
+
+
+def test_recorded_times_are_smoothed_over_runs_doing_the_same_work() -> None:
+    from budgetune.search.record_curves import smooth_time
+
+    df = curves(ranks=(4,), mbs=(4,))
+    # Seed 1 ran on a busy machine: 1.5x slower in CPU time for the same work.
+    df.loc[df.seed == 1, "elapsed_s"] *= 1.5
+    out = smooth_time(df)
+    rec = validate_curves(out)
+    ends = {r.run_id: r.elapsed_at(r.last_step) for r in rec.runs.values()}
+    # Both learning rates and both seeds do the same work: one median time per mixture.
+    assert len(set(ends.values())) == 1
+    assert set(ends.values()) == {pytest.approx(100 * 0.2 * 1.25)}
+    assert (out.val_loss == df.val_loss).all()
