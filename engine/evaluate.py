@@ -2,7 +2,7 @@
 
 The engine side of evaluation. `evaluate` wraps the live model (a peft `PeftModel` with its
 adapter unmerged, a Fabric-wrapped module, or a plain `transformers` model) in lm-eval's
-`HFLM` and runs `lm_eval.simple_evaluate`, so a trial is scored without merging or writing a
+`HFLM` and runs lm-eval's evaluation core, so a trial is scored without merging or writing a
 single weight; `evaluate_pretrained` gives lm-eval a folder path instead, exactly as
 `lm_eval --model hf --model_args pretrained=<dir>` would, so a user can reproduce the score.
 
@@ -16,7 +16,8 @@ those paths made absolute (relative to the YAML, as lm-eval already does for `in
 Cost notes (what makes a short-horizon eval cheap): building a `TaskManager` that indexes
 lm-eval's thousands of built-in YAMLs takes tens of seconds, so it is built without them
 whenever every task is local (`build_task_manager`), and is meant to be built once and reused.
-Each `simple_evaluate` call also spends about a second collecting environment info.
+`lm_eval.simple_evaluate` also spends 1.5-3 s per call collecting environment info, so the
+evaluation core is called directly (see `_run`).
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import yaml
-from budgetune.engine.errors import UserInputError
+from budgetune.engine.errors import BudgetuneError, UserInputError
 
 LOCAL_DATASET_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
 """`dataset_path` values that read local files through `datasets`' packaged builders."""
 
 _YAML_SUFFIXES = (".yaml", ".yml")
+FEWSHOT_SEED = 1234
+"""lm-eval's default few-shot sampler seed, so few-shot prompts match `lm_eval` runs."""
 
 
 @dataclass(frozen=True)
@@ -354,6 +357,18 @@ def _task_result(out: dict[str, Any], request: TaskRequest) -> TaskResult:
     )
 
 
+def _load_tasks(manager: Any, names: list[str]) -> Any:
+    """Build lm-eval's task objects (which loads their datasets), with one-line failures."""
+    try:
+        return manager.load(names)
+    except FileNotFoundError as e:
+        raise UserInputError(f"task {', '.join(names)}: data file not found: {e}") from e
+    except ConnectionError as e:
+        raise BudgetuneError(
+            f"task {', '.join(names)}: dataset unavailable offline or unreachable: {e}"
+        ) from e
+
+
 def _run(
     lm: Any,
     requests: list[TaskRequest],
@@ -361,7 +376,13 @@ def _run(
     offline: bool,
     bootstrap_iters: int,
 ) -> list[TaskResult]:
-    """One `simple_evaluate` per distinct (limit, few-shot): lm-eval takes them per call."""
+    """Run lm-eval's evaluation core once per distinct (limit, few-shot): both are per call.
+
+    This is `lm_eval.simple_evaluate` minus two things a trial must not pay for: collecting
+    environment info (pip/git subprocesses, 1.5-3 s a call, a quarter of a quickstart
+    trial's eval) and reseeding the process-wide random generators mid-study. Task setup is
+    simple_evaluate's: the few-shot count (default 0) and its sampler seed (1234).
+    """
     import lm_eval
 
     by_setting: dict[tuple[int | None, int | None], list[TaskRequest]] = {}
@@ -370,12 +391,18 @@ def _run(
     results: dict[str, TaskResult] = {}
     with hub_offline(offline):
         for (limit, num_fewshot), group in by_setting.items():
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[r.name for r in group],
+            loaded = _load_tasks(manager, [r.name for r in group])
+            for task in loaded["tasks"].values():
+                default_shots = task.get_config("num_fewshot")
+                if num_fewshot is not None and default_shots != 0:
+                    task.set_config(key="num_fewshot", value=num_fewshot)
+                elif default_shots is None:
+                    task.set_config(key="num_fewshot", value=0)
+                task.set_fewshot_seed(seed=FEWSHOT_SEED)
+            out = lm_eval.evaluate(
+                lm=lm,
+                task_dict=loaded,
                 limit=limit,
-                num_fewshot=num_fewshot,
-                task_manager=manager,
                 bootstrap_iters=bootstrap_iters,
                 log_samples=False,
             )

@@ -152,6 +152,15 @@ def test_request_mistakes_are_user_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_missing_local_data_file_is_a_one_line_user_error(model_dir: Path, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    shutil.copytree(QUICKSTART / "tasks", tasks)
+    # The YAML names ../data/heldout_mc.jsonl, and there is no data folder next to this copy.
+    with pytest.raises(UserInputError, match=r"data file not found: .*data/heldout_mc\.jsonl"):
+        evaluate_pretrained(model_dir, ["quickstart_heldout_mc"], include_paths=[tasks])
+
+
+@pytest.mark.slow
 def test_in_memory_eval_of_local_tasks_from_any_cwd(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
