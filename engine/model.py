@@ -12,6 +12,7 @@ adapter would dwarf the rest).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import time
@@ -287,6 +288,10 @@ class Worker:
         self.last_peak_bytes = 0
         """Peak memory of the last run (also of one that failed)."""
         self.last_config: RunConfig | None = None
+        # Everything alive now (libraries, the base model) lives as long as the worker: moving
+        # it out of the collector's sight makes the gc.collect() each run starts with (to give
+        # back the previous adapter at once) take microseconds instead of ~0.6 s.
+        gc.freeze()
 
     @property
     def model(self) -> torch.nn.Module:

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -113,7 +112,12 @@ class _Run:
     data_stats: dict[str, float]
     quiet: bool
     bar: Any = None
-    snapshot: ckpt.Snapshot | None = None
+    step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
+    """(sampler state, generator states) as the current optimizer step began."""
+    writer: ckpt.CheckpointWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = ckpt.CheckpointWriter(self.checkpoint_root)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -243,6 +247,7 @@ def main(
 ) -> RunResult:  # fmt: skip
     """Set up, validate once before training, fit, save the adapter, report."""
     run = setup(worker, config, callbacks, stop_check, resume, start)
+    finished = False
     try:
         if run.progress.step == 0 and run.progress.initial_val_loss is None:
             t = time.perf_counter()
@@ -251,13 +256,16 @@ def main(
             run.progress.eval_s += run.progress.last_eval_s
             _append_line(run.metrics_path, {"kind": "initial", "step": 0,
                                             "val_loss": run.progress.initial_val_loss})
-        run.snapshot = _snapshot(run)
+        _mark_step_start(run)
         with _progress_bar(run):
             status = fit(run)
+        # The adapter is saved while the last checkpoint is still being written.
+        adapter_dir = config.out_dir / "adapter"
+        worker._peft.save_pretrained(adapter_dir)
+        finished = True
     finally:
         worker.last_peak_bytes = run.guard.peak_bytes()
-    adapter_dir = config.out_dir / "adapter"
-    worker._peft.save_pretrained(adapter_dir)
+        run.writer.close(raise_errors=finished)
     worker._peft.eval()
     latest = ckpt.find_checkpoints(run.checkpoint_root)
     elapsed = run.elapsed()
@@ -289,19 +297,21 @@ def fit(run: _Run) -> str:
             for group in run.optimizer.param_groups:
                 group["lr"] = p.lr
             t = time.perf_counter()
-            loss = train_step(run)
+            loss, n_real, n_batch = train_step(run)
             with ckpt.defer_interrupts():
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
                 step_s = time.perf_counter() - t
                 p.step += 1
+                p.tokens_seen += n_real
+                p.batch_tokens += n_batch
                 p.train_s += step_s
                 if len(p.step_times) < MEASURE_STEPS:
                     p.step_times.append(step_s)
                 _track_loss(p, loss, config.divergence_factor)
                 if p.total_steps is None and len(p.step_times) >= MEASURE_STEPS:
                     p.total_steps = _seconds_total_steps(run)
-                run.snapshot = _snapshot(run)
+                _mark_step_start(run)
             if run.bar is not None:
                 run.bar.update(run.bar.task_ids[0], completed=p.step, total=p.total_steps,
                                description=f"loss {loss:.4f}")
@@ -319,10 +329,16 @@ def fit(run: _Run) -> str:
         raise
 
 
-def train_step(run: _Run) -> float:
-    """One optimizer step's forward/backward passes over `grad_accum` micro-batches."""
+def train_step(run: _Run) -> tuple[float, int, int]:
+    """One optimizer step's forward/backward passes over `grad_accum` micro-batches.
+
+    Returns the mean loss and the step's non-padding and total token counts; the caller adds
+    them to the run's counters only once the step is applied (a Ctrl-C in here leaves the
+    counters as the step found them, matching the checkpoint it triggers).
+    """
     config, fabric = run.config, run.fabric
     losses = []
+    n_real_total = n_batch_total = 0
     for micro in range(config.grad_accum):
         batch, n_real = get_batch(run)
         with fabric.no_backward_sync(run.model, enabled=micro < config.grad_accum - 1):
@@ -331,13 +347,13 @@ def train_step(run: _Run) -> float:
             fabric.backward(loss / config.grad_accum)
             run.guard.check()
         losses.append(loss.detach())
-        run.progress.tokens_seen += n_real
-        run.progress.batch_tokens += batch["input_ids"].numel()
+        n_real_total += n_real
+        n_batch_total += batch["input_ids"].numel()
     if config.grad_clip:
         fabric.clip_gradients(run.model, run.optimizer, max_norm=config.grad_clip,
                               error_if_nonfinite=False)
     # One host-device sync per optimizer step, for the divergence test and the progress bar.
-    return torch.stack(losses).float().mean().item()
+    return torch.stack(losses).float().mean().item(), n_real_total, n_batch_total
 
 
 def get_batch(run: _Run) -> tuple[dict[str, torch.Tensor], int]:
@@ -379,7 +395,6 @@ def evaluate(run: _Run, final: bool = False) -> bool:
     event = EvalEvent(step=p.step, tokens_seen=p.tokens_seen, elapsed_s=run.elapsed(),
                       metrics=metrics)  # fmt: skip
     p.curve.append(event.to_dict())
-    run.snapshot = _snapshot(run)
     if config.checkpoint_interval is None or p.step % config.checkpoint_interval == 0 or final:
         save_checkpoint(run)
     _append_line(run.metrics_path, {"kind": "eval", **event.to_dict()})
@@ -391,15 +406,16 @@ def evaluate(run: _Run, final: bool = False) -> bool:
     return stop and not final
 
 
-def save_checkpoint(run: _Run) -> Path:
-    """Checkpoint the run as of its last completed optimizer step."""
+def save_checkpoint(run: _Run) -> None:
+    """Checkpoint the run as of its last completed optimizer step.
+
+    A background thread writes it; `main()` waits for the last write before it returns or
+    re-raises, so a stopped or interrupted run is on disk when the caller hears of it.
+    """
     t = time.perf_counter()
-    path = ckpt.write_run_checkpoint(
-        run.checkpoint_root, run.snapshot or _snapshot(run), run.model, run.optimizer,
-        _resume_fingerprint(run.config),
-    )  # fmt: skip
+    run.writer.submit(_snapshot(run), run.model, run.optimizer,
+                      _resume_fingerprint(run.config))  # fmt: skip
     run.progress.checkpoint_s = time.perf_counter() - t
-    return path
 
 
 # --- horizon -----------------------------------------------------------------------------------
@@ -423,9 +439,10 @@ def _horizon_reached(run: _Run) -> bool:
 
 
 def _step_estimate_s(p: Progress) -> float:
-    times = p.step_times[1:] if len(p.step_times) > 1 else p.step_times
-    recent = p.train_s / p.step if p.step else 0.0
-    return max(sum(times) / len(times) if times else 0.0, recent)
+    """Mean optimizer-step time, leaving out the first step (allocator and kernel warmup)."""
+    if p.step > 1 and p.step_times:
+        return (p.train_s - p.step_times[0]) / (p.step - 1)
+    return p.train_s / p.step if p.step else 0.0
 
 
 def _seconds_total_steps(run: _Run) -> int:
@@ -489,9 +506,19 @@ def _track_loss(p: Progress, loss: float, factor: float) -> None:
 # --- resume ------------------------------------------------------------------------------------
 
 
+def _mark_step_start(run: _Run) -> None:
+    """Remember the sampler and generators at a step boundary (cheap: counters and ~5 KB)."""
+    run.step_start = (run.sampler.state_dict(), ckpt.capture_rng())
+
+
 def _snapshot(run: _Run) -> ckpt.Snapshot:
+    """The resumable state: counters now, sampler and generators as this step began."""
+    if run.step_start is None:
+        _mark_step_start(run)
+    assert run.step_start is not None
     run.progress.elapsed_s = run.elapsed()
-    return ckpt.Snapshot.take(dataclasses.asdict(run.progress), run.sampler)
+    sampler, rng = run.step_start
+    return ckpt.Snapshot(dataclasses.asdict(run.progress), sampler, rng)
 
 
 def _resume_fingerprint(config: RunConfig) -> dict[str, Any]:
@@ -553,11 +580,10 @@ def _metrics(run: _Run, elapsed: float) -> dict[str, float]:
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line. Not fsynced: a resume rewrites the log from its checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _write_config(run: _Run, worker: Worker) -> None:

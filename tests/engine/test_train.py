@@ -17,7 +17,7 @@ from budgetune.engine.config import LoraSettings, RunConfig, SourceSpec
 from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
 from budgetune.engine.events import EvalEvent
 from budgetune.engine.memory import rss_bytes
-from budgetune.engine.train import Worker, get_lr
+from budgetune.engine.train import Progress, Worker, _Diverging, _track_loss, get_lr
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "studies" / "quickstart"
@@ -256,14 +256,24 @@ def test_nan_loss_is_divergence(worker: Worker, tmp_path, cache_dir) -> None:
     }
 
 
-def test_exploding_loss_is_divergence(worker: Worker, tmp_path, cache_dir) -> None:
-    # A step of 5.0 in every adapter weight sends the loss up at once; a factor just above 1
-    # makes the smoothed-loss test (not the NaN test) the one that fires.
-    config = make_config(tmp_path / "run", cache_dir, max_steps=12, learning_rate=5.0,
-                         warmup_steps=0, divergence_factor=1.001, eval_interval=20)  # fmt: skip
-    with pytest.raises(Diverged, match=r"smoothed loss .* > 1.001 x starting loss") as err:
+def test_divergence_uses_the_smoothed_loss_against_the_first() -> None:
+    p = Progress()
+    # One spike to 3x the start is smoothed away under a factor of 2...
+    for loss in (2.0, 6.0, 2.0, 1.9):
+        _track_loss(p, loss, factor=2.0)
+    # ...a loss that stays high is not.
+    with pytest.raises(_Diverging, match=r"smoothed loss .* > 2.0 x starting loss 2"):
+        for loss in [9.0] * 10:
+            _track_loss(p, loss, factor=2.0)
+    assert p.loss_start == 2.0 and p.loss_ema > 4.0
+
+
+def test_a_diverged_run_raises_and_leaves_the_worker_clean(worker: Worker, tmp_path, cache_dir):
+    # A factor below 1 flags the very first step: the whole failure path, deterministically.
+    config = make_config(tmp_path / "run", cache_dir, divergence_factor=0.5)
+    with pytest.raises(Diverged, match=r"diverged at step 1: smoothed loss") as err:
         worker.run(config)
-    assert 1 <= err.value.step <= 12
+    assert err.value.step == 1 and err.value.loss > 0
     # A failed run leaves no adapter behind; the next run works.
     assert worker.model is worker._base
     assert worker.run(make_config(tmp_path / "ok", cache_dir)).status == "completed"
