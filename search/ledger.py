@@ -344,22 +344,35 @@ class Ledger:
             )
 
     def release_stale(self, is_stale: Callable[[str], bool]) -> int:
-        """Release open reservations of workers judged dead; returns how many."""
+        """Release open reservations of workers judged dead; returns how many.
+
+        `is_stale` is asked outside the lock: a judge that reads the database itself would
+        otherwise wait on our own write lock (SQLite) until it times out.
+        """
+        with self._engine.connect() as conn:
+            owners = {
+                r.worker_id
+                for r in conn.execute(
+                    sa.select(RESERVATIONS.c.worker_id).where(
+                        RESERVATIONS.c.study_name == self.study_name,
+                        RESERVATIONS.c.released_at.is_(None),
+                    )
+                )
+            }
+        dead = sorted(w for w in owners if w != self.worker_id and is_stale(w))
+        if not dead:
+            return 0
         with self._txn() as conn:
-            rows = conn.execute(
-                sa.select(RESERVATIONS.c.id, RESERVATIONS.c.worker_id).where(
+            released = conn.execute(
+                RESERVATIONS.update()
+                .where(
                     RESERVATIONS.c.study_name == self.study_name,
                     RESERVATIONS.c.released_at.is_(None),
+                    RESERVATIONS.c.worker_id.in_(dead),
                 )
-            ).all()
-            stale = [r.id for r in rows if r.worker_id != self.worker_id and is_stale(r.worker_id)]
-            if stale:
-                conn.execute(
-                    RESERVATIONS.update()
-                    .where(RESERVATIONS.c.id.in_(stale))
-                    .values(released_at=time.time())
-                )
-        return len(stale)
+                .values(released_at=time.time())
+            ).rowcount
+        return int(released)
 
     def open_reservations(self) -> int:
         with self._engine.connect() as conn:
@@ -413,12 +426,19 @@ class Ledger:
         True if this worker holds it now: it was free, already ours, or held by a dead
         worker (taken over: the job must be written to be redone idempotently).
         """
+        # The holder is judged outside the lock (see release_stale).
+        query = sa.select(CLAIMS.c.worker_id).where(
+            CLAIMS.c.study_name == self.study_name, CLAIMS.c.what == what
+        )
+        with self._engine.connect() as conn:
+            seen = conn.execute(query).first()
+        dead_holder = (
+            seen.worker_id
+            if seen is not None and seen.worker_id != self.worker_id and is_stale(seen.worker_id)
+            else None
+        )
         with self._txn() as conn:
-            row = conn.execute(
-                sa.select(CLAIMS.c.worker_id).where(
-                    CLAIMS.c.study_name == self.study_name, CLAIMS.c.what == what
-                )
-            ).first()
+            row = conn.execute(query).first()
             now = time.time()
             if row is None:
                 conn.execute(
@@ -431,7 +451,7 @@ class Ledger:
                 return True
             if row.worker_id == self.worker_id:
                 return True
-            if not is_stale(row.worker_id):
+            if row.worker_id != dead_holder:
                 return False
             conn.execute(
                 CLAIMS.update()
@@ -461,12 +481,23 @@ class Ledger:
         The first claim fixes the allotment (total - spent) and the config; later claims
         (a resume) get the stored ones back, so a resumed final run is the same run.
         """
+        # Judge a foreign claim's holder outside the lock (see release_stale); inside it, take
+        # over only a claim still held by the very worker judged dead.
+        seen = self.final_claim()
+        dead_holder = (
+            seen.worker_id
+            if seen is not None
+            and seen.state == "claimed"
+            and seen.worker_id != self.worker_id
+            and is_stale(seen.worker_id)
+            else None
+        )
         with self._txn() as conn:
             claim = self._claim(conn)
             now = time.time()
             if claim is not None:
                 if claim.state == "claimed" and claim.worker_id != self.worker_id:
-                    if not is_stale(claim.worker_id):
+                    if claim.worker_id != dead_holder:
                         return None
                     conn.execute(
                         CLAIMS.update()
