@@ -116,7 +116,7 @@ def test_meter_partitions_the_clock(tmp_path: Path) -> None:
     assert led.totals().by_category == {"overhead": 2.5, "train": 1.0}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     total=st.floats(50, 5000),
     share=st.floats(0.1, 0.6),
