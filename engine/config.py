@@ -27,7 +27,7 @@ class SourceSpec:
     name: str
     """Short name, used for mixture weights and cache keys."""
     path: str
-    """Local file/folder, or a Hugging Face hub dataset id such as `databricks/databricks-dolly-15k`."""
+    """Local file/folder, or a hub dataset id such as `databricks/databricks-dolly-15k`."""
     schema: Schema
     """Which public schema the rows follow."""
     split: str = "train"
@@ -113,7 +113,8 @@ class RunConfig:
         """Every problem with this config, so a user fixes them all in one pass."""
         p: list[str] = []
         if self.precision not in PRECISIONS:
-            p.append(f"precision {self.precision!r} is unknown (choose one of {', '.join(PRECISIONS)})")
+            choices = ", ".join(PRECISIONS)
+            p.append(f"precision {self.precision!r} is unknown (choose one of {choices})")
         if self.quantize not in (None, "nf4"):
             p.append(f"quantize {self.quantize!r} is unknown (only 'nf4')")
         if self.lora.r < 1:
@@ -123,7 +124,9 @@ class RunConfig:
         if not 0 <= self.lora.dropout < 1:
             p.append("lora.dropout must be in [0, 1)")
         if self.lora.targets not in TARGETS:
-            p.append(f"lora.targets {self.lora.targets!r} is unknown (choose attention or all-linear)")
+            p.append(
+                f"lora.targets {self.lora.targets!r} is unknown (choose attention or all-linear)"
+            )
         if self.learning_rate <= 0:
             p.append("learning_rate must be > 0")
         if self.weight_decay < 0:
@@ -134,7 +137,8 @@ class RunConfig:
             p.append("micro_batch must be >= 1")
         if self.global_batch < self.micro_batch or self.global_batch % self.micro_batch:
             p.append(
-                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
+                f"global_batch ({self.global_batch}) must be a multiple of "
+                f"micro_batch ({self.micro_batch})"
             )
         if self.max_seq_length < 8:
             p.append("max_seq_length must be >= 8")
@@ -151,7 +155,8 @@ class RunConfig:
             p.append("sources must name at least one dataset")
         for s in [*self.sources, self.val]:
             if s.schema not in SCHEMAS:
-                p.append(f"source {s.name!r}: schema {s.schema!r} is unknown (choose {', '.join(SCHEMAS)})")
+                choices = ", ".join(SCHEMAS)
+                p.append(f"source {s.name!r}: schema {s.schema!r} is unknown (choose {choices})")
         if self.weights is not None:
             names = {s.name for s in self.sources}
             unknown = set(self.weights) - names
