@@ -347,7 +347,8 @@ class FakeBackend:
 
     def score(self, result: RunResult, previous: list[float] | None = None) -> Score:
         self.sleep(self.eval_s)
-        return Score(value=float(result.metrics["val_loss"]), seconds=self.eval_s)
+        # a run stopped before its first eval has no loss (a final run left no time)
+        return Score(value=float(result.metrics.get("val_loss", math.nan)), seconds=self.eval_s)
 
     def score_final(self, result: RunResult, seconds_left: float | None = None) -> Score:
         return self.score(result)

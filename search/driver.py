@@ -32,6 +32,7 @@ each its own `Driver` in its own process (see `workers.py` and the README's "Sev
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -105,6 +106,7 @@ class Driver:
                                       on_evicted=self.request_stop)  # fmt: skip
         self._poll_s = min(2.0, heartbeat_s)
         self._said: set[str] = set()
+        self._after_s = 0.0
         self.stop_requested = False
         self.storage = ostudy._storage
         self._spent_cache = 0.0
@@ -157,6 +159,9 @@ class Driver:
                 claim = self.ledger.final_claim()
                 if claim is not None and claim.state == "done":
                     return
+                if claim is not None and self.workers.liveness().get(claim.worker_id, False):
+                    self.progress.log(f"final run: held by worker {claim.worker_id}; nothing to do")
+                    return  # before loading a model for nothing
                 recover(self)
                 self.backend.setup()
                 self.meter.charge("overhead")
@@ -193,8 +198,8 @@ class Driver:
             self._wait_for_trials()
 
     def _wait_for_trials(self) -> None:
-        """Idle a moment while other workers' trials are in flight (idle time is not spent)."""
-        self.meter.charge("overhead")
+        """Idle a moment while other workers' trials are in flight (polling is not spent)."""
+        self.meter.skip()
         self.workers.set_activity("waiting")
         self.say_once("search over here: waiting for the trials in flight on other workers")
         end = time.monotonic() + self._poll_s
@@ -249,6 +254,10 @@ class Driver:
         try:
             skipped = self._run_trial(trial, res)
         finally:
+            # the bookkeeping of the trial (tell, attrs) is spent within its reservation: with
+            # several workers holding all the search share, unreserved time would eat the
+            # final run's reserve
+            self._after_s = self.meter.charge("overhead", None, res)
             self.ledger.release(res)
             self._refresh_spent()
         return True, skipped
@@ -283,8 +292,10 @@ class Driver:
             self.progress.log(f"trial {trial.number}: skipped ({reason})")
             return True
         self.progress.trial(trial.number, params)
-        self.meter.charge("overhead")
-        reporter = TrialReporter(self, trial, res)
+        # asking and sampling now, and the bookkeeping after it (as long as the last trial's),
+        # come out of the trial's allowance
+        used = self.meter.charge("overhead", None, res) + self._after_s
+        reporter = TrialReporter(self, trial, dataclasses.replace(res, seconds=res.seconds - used))
         reporter.phase("setup")
         extra: dict[str, Any] = {}
         try:

@@ -163,6 +163,11 @@ class WorkerRegistry:
         self.on_evicted = on_evicted
         self.evicted = False
         self._engine = make_engine(url)
+        # reads take no lock: liveness is judged inside ledger transactions, and on SQLite a
+        # second BEGIN IMMEDIATE there would wait on that transaction's own write lock
+        self._reader = (
+            sa.create_engine(url, connect_args={"timeout": 60}) if self.is_sqlite else self._engine
+        )
         self._key = host_key()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -251,12 +256,13 @@ class WorkerRegistry:
 
     def close(self) -> None:
         self._engine.dispose()
+        self._reader.dispose()
 
     # --- everyone -------------------------------------------------------------------------
 
     def workers(self) -> list[WorkerInfo]:
         """Every worker that ever joined the study, oldest first, with its liveness."""
-        with self._engine.connect() as conn:
+        with self._reader.connect() as conn:
             return _read(conn, self.study_name, self._key)
 
     def liveness(self) -> dict[str, bool]:
