@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from budgetune.engine.errors import BudgetuneError, UserInputError
 
 app = typer.Typer(
@@ -34,8 +33,10 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks."
 
 @app.command()
 def train(
-    study: Annotated[Path, typer.Argument(help="Study file (TOML) giving model, data and defaults.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. lr=1e-4")] = None,
+    study: Annotated[Path, typer.Argument(help="Study file (TOML): model, data, defaults.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. lr=1e-4")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Run directory.")] = None,
 ) -> None:
     """One finetune run with fixed hyperparameters (Lit-GPT 2023 defaults + overrides)."""
@@ -62,7 +63,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 50,
     temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
     top_k: Annotated[int | None, typer.Option("--top-k")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Do not wrap the prompt in the template.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the prompt template.")] = False,
 ) -> None:
     """Generate text from a prompt."""
     from budgetune.search.commands import generate as run
@@ -73,8 +74,10 @@ def generate(
 @app.command()
 def merge(
     adapter: Annotated[Path, typer.Argument(help="LoRA adapter folder (or a run dir).")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged Hugging Face folder.")],
-    base: Annotated[str | None, typer.Option("--base", help="Base model (default: from adapter).")] = None,
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged HF folder.")],
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model (default: from the adapter).")
+    ] = None,
 ) -> None:
     """Merge a LoRA adapter into its base model and export a Hugging Face folder."""
     from budgetune.search.commands import merge as run
@@ -216,7 +219,13 @@ def export_submission(
 def main() -> None:
     """Console entry point: one clear line for user mistakes, tracebacks only with --debug."""
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode typer returns the exit code of a `typer.Exit` (Ctrl-C is
+        # turned into Exit(130)) instead of exiting: pass it on.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            if code == 130:
+                print("budgetune: interrupted", file=sys.stderr)
+            sys.exit(code)
     except KeyboardInterrupt:
         print("budgetune: interrupted", file=sys.stderr)
         sys.exit(130)
