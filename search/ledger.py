@@ -196,6 +196,19 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def create_tables(metadata: sa.MetaData, engine: sa.Engine) -> None:
+    """Create missing tables, safe when several workers start at once on one database.
+
+    Why: `create_all` checks, then creates; two processes doing it together both create, and
+    one fails. On PostgreSQL a transaction-scoped advisory lock serializes them; SQLite's
+    `BEGIN IMMEDIATE` (see `make_engine`) already does.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(0x62756467)))  # "budg"
+        metadata.create_all(conn)
+
+
 class Ledger:
     """The budget ledger of one study, as seen by one worker (see the module docstring)."""
 
@@ -205,7 +218,7 @@ class Ledger:
         self.worker_id = worker_id
         self._engine = make_engine(url)
         self._sqlite = url.startswith("sqlite")
-        _meta.create_all(self._engine)
+        create_tables(_meta, self._engine)
 
     def close(self) -> None:
         self._engine.dispose()

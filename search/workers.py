@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 import sqlalchemy as sa
-from budgetune.search.ledger import make_engine
+from budgetune.search.ledger import create_tables, make_engine
 
 HEARTBEAT_S = 30.0
 """Default seconds between two heartbeats of a worker."""
@@ -171,7 +171,7 @@ class WorkerRegistry:
         self._key = host_key()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        _meta.create_all(self._engine)
+        create_tables(_meta, self._engine)
 
     @property
     def is_sqlite(self) -> bool:

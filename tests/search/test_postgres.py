@@ -283,8 +283,8 @@ def test_two_engine_workers_finish_a_small_study_on_postgresql(
     text = text.replace('schema = "dolly"\n', 'schema = "dolly"\nlimit = 300\n')
     text = re.sub(r'"quickstart/', f'"{QUICKSTART.parent}/quickstart/', text)
     (tmp_path / "s.toml").write_text(text)
-    first = _start("launch", "s.toml", "--storage", pg_url, "--heartbeat-s", "2", cwd=tmp_path)
-    _until("the study to start", lambda: list_workers(pg_url, "engine-pair"), [first])
+    create_or_load(load_study(tmp_path / "s.toml", storage=pg_url), open_storage(pg_url))
+    first = _start("launch", "s.toml", "--storage", pg_url, cwd=tmp_path)
     second = _start("resume", "--storage", pg_url, "--study", "engine-pair", cwd=tmp_path)
     _finish([first, second], timeout=300)
 
@@ -295,6 +295,7 @@ def test_two_engine_workers_finish_a_small_study_on_postgresql(
         # real throughput from the engine on every trial that trained
         if t.user_attrs["outcome"] in ("complete", "pruned"):
             assert t.user_attrs["tokens_per_s"] > 0
-    # both workers joined the one study and worked on it
+    # both workers joined the one study and trained trials of it
     assert len(list_workers(pg_url, "engine-pair")) == 2
+    assert len({t.user_attrs["worker_id"] for t in trials}) == 2
     assert (Path(ostudy.user_attrs["final.export_dir"]) / "config.json").exists()
