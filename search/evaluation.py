@@ -70,9 +70,8 @@ class EvalTask:
     num_fewshot: int | None = None
     """Few-shot examples per prompt (None: the task's own default)."""
 
-    def request(self, unlimited: bool = False) -> TaskRequest:
-        limit = None if unlimited else self.limit
-        return TaskRequest(self.task, limit, self.num_fewshot, self.metric)
+    def request(self) -> TaskRequest:
+        return TaskRequest(self.task, self.limit, self.num_fewshot, self.metric)
 
 
 @dataclass
@@ -104,18 +103,14 @@ class EvalSettings:
             problems.append(f"eval: unknown key {key!r}")
         sections = {s: _parse_tasks(table.get(s, []), f"eval.{s}", problems) for s in SECTIONS}
         include = _parse_include(table.get("include", []), study_dir, problems)
-        explicit_weight = _number(table, "val_loss_weight", "eval", problems)
+        loss_weight = 0.0 if sections["search"] else 1.0
         settings = cls(
             **sections,
             include=include,
-            val_loss_weight=(
-                explicit_weight
-                if explicit_weight is not None
-                else (0.0 if sections["search"] else 1.0)
-            ),
-            batch_size=_integer(table, "batch_size", "eval", problems, default=8),
-            holdout_top_k=_integer(table, "holdout_top_k", "eval", problems, default=3),
-            gap_tolerance=_default(_number(table, "gap_tolerance", "eval", problems), 0.05),
+            val_loss_weight=_scalar(table, "val_loss_weight", "eval", problems, loss_weight),
+            batch_size=_scalar(table, "batch_size", "eval", problems, 8),
+            holdout_top_k=_scalar(table, "holdout_top_k", "eval", problems, 3),
+            gap_tolerance=_scalar(table, "gap_tolerance", "eval", problems, 0.05),
         )
         if not settings.final:
             settings.final = [EvalTask(**{**asdict(t), "limit": None}) for t in settings.search]
@@ -192,11 +187,11 @@ def _parse_tasks(raw: Any, where: str, problems: list[str]) -> list[EvalTask]:
         tasks.append(
             EvalTask(
                 task=name.strip(),
-                limit=_integer(item, "limit", at, problems, default=None),
-                weight=_default(_number(item, "weight", at, problems), 1.0),
+                limit=_optional_int(item, "limit", at, problems),
+                weight=_scalar(item, "weight", at, problems, 1.0),
                 metric=metric,
-                baseline=_default(_number(item, "baseline", at, problems), 0.0),
-                num_fewshot=_integer(item, "num_fewshot", at, problems, default=None),
+                baseline=_scalar(item, "baseline", at, problems, 0.0),
+                num_fewshot=_optional_int(item, "num_fewshot", at, problems),
             )
         )
     return tasks
@@ -216,30 +211,20 @@ def _parse_include(raw: Any, study_dir: Path, problems: list[str]) -> list[Path]
     return out
 
 
-def _number(table: Mapping[str, Any], key: str, at: str, problems: list[str]) -> float | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        problems.append(f"{at}.{key} must be a number")
-        return None
-    return float(value)
-
-
-def _default(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
-def _integer(
-    table: Mapping[str, Any], key: str, at: str, problems: list[str], default: int | None
-) -> Any:
+def _scalar(table: Mapping[str, Any], key: str, at: str, problems: list[str], default: Any) -> Any:
+    """`table[key]` checked against the type of `default` (int, or float that takes ints)."""
     value = table.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"{at}.{key} must be an integer")
+    want = int if isinstance(default, int) else (int, float)
+    if isinstance(value, bool) or not isinstance(value, want) or not math.isfinite(value):
+        problems.append(f"{at}.{key} must be {'an integer' if want is int else 'a number'}")
         return default
-    return value
+    return float(value) if want is not int else value
+
+
+def _optional_int(table: Mapping[str, Any], key: str, at: str, problems: list[str]) -> int | None:
+    return _scalar(table, key, at, problems, 0) if table.get(key) is not None else None
 
 
 # --- scores -----------------------------------------------------------------------------
@@ -260,6 +245,26 @@ def weighted_score(specs: Sequence[EvalTask], results: Sequence[TaskResult], whe
     return total / sum(s.weight for s in specs)
 
 
+def weighted_stderr(specs: Sequence[EvalTask], results: Sequence[TaskResult]) -> float | None:
+    """Standard error of `weighted_score`, treating tasks as independent (None if unknown)."""
+    by_task = {r.task: r for r in results}
+    total_w = sum(s.weight for s in specs)
+    var = 0.0
+    for spec in specs:
+        se = by_task[spec.task].stderr
+        if se is None:
+            return None
+        var += (spec.weight / total_w * se / (1.0 - spec.baseline)) ** 2
+    return math.sqrt(var)
+
+
+def _tasks_dict(obj: Any) -> dict[str, Any]:
+    """A score as JSON: its fields, with `results` stored as `tasks` keyed by task."""
+    d = asdict(obj)
+    d["tasks"] = {r["task"]: r for r in d.pop("results")}
+    return d
+
+
 @dataclass
 class TrialScore:
     """What a trial's short-horizon eval gives the driver (and stores in the trial)."""
@@ -272,6 +277,8 @@ class TrialScore:
     results: list[TaskResult]
     seconds: float
     """Eval seconds, to charge to the ledger as eval time."""
+    search_stderr: float | None = None
+    """Standard error of `search_score` (the guard ignores differences within the noise)."""
 
     @property
     def tasks(self) -> dict[str, dict[str, Any]]:
@@ -279,18 +286,12 @@ class TrialScore:
         return results_by_task(self.results)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
-            "val_loss": self.val_loss,
-            "search_score": self.search_score,
-            "seconds": self.seconds,
-            "tasks": self.tasks,
-        }
+        return _tasks_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialScore:
         results = [TaskResult.from_dict(t) for t in d["tasks"].values()]
-        return cls(d["value"], d["val_loss"], d["search_score"], results, d["seconds"])
+        return cls(**{k: v for k, v in d.items() if k != "tasks"}, results=results)
 
 
 @dataclass
@@ -300,13 +301,14 @@ class HoldoutScore:
     score: float
     results: list[TaskResult]
     seconds: float
+    stderr: float | None = None
 
     @property
     def tasks(self) -> dict[str, dict[str, Any]]:
         return results_by_task(self.results)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "seconds": self.seconds, "tasks": self.tasks}
+        return _tasks_dict(self)
 
 
 @dataclass
@@ -319,18 +321,16 @@ class FinalScore:
     """Search tasks at their trial limits, comparable with the trials' search scores."""
     holdout: HoldoutScore | None
     seconds: float
+    search_stderr: float | None = None
 
     @property
     def tasks(self) -> dict[str, dict[str, Any]]:
         return results_by_task(self.results)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "search_score": self.search_score,
-            "seconds": self.seconds,
-            "tasks": self.tasks,
-            "holdout": self.holdout.to_dict() if self.holdout else None,
-        }
+        d = _tasks_dict(self)
+        d["holdout"] = self.holdout.to_dict() if self.holdout else None
+        return d
 
 
 def write_results(path: Path, payload: Mapping[str, Any]) -> Path:
@@ -396,7 +396,10 @@ class Evaluator:
             return TrialScore(loss_term, val_loss, None, [], 0.0)
         report = self._evaluate(model, tokenizer, [t.request() for t in s.search])
         score = weighted_score(s.search, report.tasks, "eval.search")
-        result = TrialScore(loss_term - score, val_loss, score, report.tasks, report.seconds)
+        stderr = weighted_stderr(s.search, report.tasks)
+        result = TrialScore(
+            loss_term - score, val_loss, score, report.tasks, report.seconds, stderr
+        )
         if out_dir is not None:
             write_results(Path(out_dir) / "eval_search.json", result.to_dict())
         return result
@@ -414,7 +417,8 @@ class Evaluator:
             raise ValueError("the study names no eval.holdout tasks")
         report = self._evaluate(model, tokenizer, [t.request() for t in self.settings.holdout])
         score = weighted_score(self.settings.holdout, report.tasks, "eval.holdout")
-        result = HoldoutScore(score, report.tasks, report.seconds)
+        stderr = weighted_stderr(self.settings.holdout, report.tasks)
+        result = HoldoutScore(score, report.tasks, report.seconds, stderr)
         if out_dir is not None:
             write_results(Path(out_dir) / "eval_holdout.json", result.to_dict())
         return result
@@ -427,7 +431,7 @@ class Evaluator:
         if s.final:
             report = self._evaluate(model, tokenizer, [t.request() for t in s.final])
             tasks, seconds = report.tasks, report.seconds
-        search_score = None
+        search_score = search_stderr = None
         if s.search:
             # Reuse a final result when it is the very same request (same limit and shots).
             done = {t.request(): r for t, r in zip(s.final, tasks, strict=True)}
@@ -438,16 +442,21 @@ class Evaluator:
                 found += report.tasks
                 seconds += report.seconds
             search_score = weighted_score(s.search, found, "eval.search")
+            search_stderr = weighted_stderr(s.search, found)
         holdout = self.holdout(model, tokenizer) if s.holdout else None
         if holdout is not None:
             seconds += holdout.seconds
-        result = FinalScore(tasks, search_score, holdout, seconds)
+        result = FinalScore(tasks, search_score, holdout, seconds, search_stderr)
         if out_dir is not None:
             write_results(Path(out_dir) / "eval_final.json", result.to_dict())
         return result
 
 
 # --- the overfitting guard --------------------------------------------------------------
+
+
+NOISE_Z = 2.0
+"""A difference counts only beyond this many standard errors (about 95%, were it normal)."""
 
 
 @dataclass
@@ -461,15 +470,56 @@ class GuardRow:
     objective: float | None = None
     """The trial's objective (lower is better); ranks trials when given."""
     final: bool = False
+    search_stderr: float | None = None
+    holdout_stderr: float | None = None
+    """Standard errors: with them, differences within the eval's own noise are not flagged."""
+
+    @classmethod
+    def from_attrs(
+        cls, label: str, attrs: Mapping[str, Any], objective: float | None = None,
+        final: bool = False,
+    ) -> GuardRow | None:  # fmt: skip
+        """A row from stored attributes (`search_score`, `holdout_score`, their `_stderr`s);
+        None when the model has no holdout score."""
+        holdout = _float_or_none(attrs.get("holdout_score"))
+        if holdout is None:
+            return None
+        return cls(
+            label, _float_or_none(attrs.get("search_score")), holdout, objective, final,
+            _float_or_none(attrs.get("search_stderr")), _float_or_none(attrs.get("holdout_stderr")),
+        )  # fmt: skip
 
     @property
     def gap(self) -> float | None:
         """Search minus holdout score: how much better the model looks on its own yardstick."""
         return None if self.search_score is None else self.search_score - self.holdout_score
 
+    @property
+    def gap_stderr(self) -> float | None:
+        if self.search_stderr is None or self.holdout_stderr is None:
+            return None
+        return math.hypot(self.search_stderr, self.holdout_stderr)
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _noise(*stderrs: float | None) -> float:
+    """The margin a difference of these independent scores must clear (0 when unknown)."""
+    if any(se is None for se in stderrs):
+        return 0.0
+    return NOISE_Z * math.sqrt(sum(se * se for se in stderrs))  # type: ignore[operator]
+
 
 def _best_by_search(trials: Sequence[GuardRow]) -> GuardRow | None:
-    if all(r.objective is not None for r in trials):
+    if trials and all(r.objective is not None for r in trials):
         return min(trials, key=lambda r: r.objective)  # type: ignore[arg-type, return-value]
     scored = [r for r in trials if r.search_score is not None]
     return max(scored, key=lambda r: r.search_score) if scored else None  # type: ignore[arg-type, return-value]
@@ -484,7 +534,9 @@ def guard_table(rows: Sequence[GuardRow]) -> list[dict[str, Any]]:
             "label": r.label,
             "objective": r.objective,
             "search_score": r.search_score,
+            "search_stderr": r.search_stderr,
             "holdout_score": r.holdout_score,
+            "holdout_stderr": r.holdout_stderr,
             "gap": r.gap,
             "holdout_rank": rank[i],
             "final": r.final,
@@ -507,15 +559,20 @@ def overfitting_warnings(
     2. the search-minus-holdout gap grew by more than `gap_tolerance` from the first such
        trial to the last;
     3. the final model's gap exceeds the best trial's by more than `gap_tolerance`.
+
+    Where rows carry standard errors, a difference must also exceed `NOISE_Z` standard
+    errors of itself: short-horizon evals on a few dozen examples are noisy, and a guard that
+    cries wolf on noise is soon ignored.
     """
     warnings: list[str] = []
     trials = [r for r in rows if not r.final]
-    best = _best_by_search(trials) if len(trials) >= 2 else None
-    if best is not None:
+    best = _best_by_search(trials)
+    if best is not None and len(trials) >= 2:
         k = top_k or math.ceil(len(trials) / 2)
         by_holdout = sorted(trials, key=lambda r: -r.holdout_score)
-        kth = by_holdout[min(k, len(by_holdout)) - 1].holdout_score
-        if best.holdout_score < kth:
+        kth = by_holdout[min(k, len(by_holdout)) - 1]
+        shortfall = kth.holdout_score - best.holdout_score
+        if shortfall > 0 and shortfall > _noise(best.holdout_stderr, kth.holdout_stderr):
             rank = 1 + sum(1 for r in trials if r.holdout_score > best.holdout_score)
             top = by_holdout[0]
             warnings.append(
@@ -526,7 +583,8 @@ def overfitting_warnings(
     gapped = [r for r in trials if r.gap is not None]
     if len(gapped) >= 2:
         first, last = gapped[0], gapped[-1]
-        if last.gap - first.gap > gap_tolerance:  # type: ignore[operator]
+        growth = last.gap - first.gap  # type: ignore[operator]
+        if growth > max(gap_tolerance, _noise(first.gap_stderr, last.gap_stderr)):
             warnings.append(
                 f"the search-holdout gap grew from {first.gap:.3f} ({first.label}) to "
                 f"{last.gap:.3f} ({last.label}): search scores improve more than holdout scores"
@@ -534,7 +592,8 @@ def overfitting_warnings(
     finals = [r for r in rows if r.final and r.gap is not None]
     if finals and best is not None and best.gap is not None:
         fin = finals[-1]
-        if fin.gap - best.gap > gap_tolerance:  # type: ignore[operator]
+        growth = fin.gap - best.gap  # type: ignore[operator]
+        if growth > max(gap_tolerance, _noise(fin.gap_stderr, best.gap_stderr)):
             warnings.append(
                 f"the final model's search-holdout gap ({fin.gap:.3f}) exceeds that of "
                 f"{best.label} ({best.gap:.3f}): its search score overstates it"

@@ -173,6 +173,36 @@ def test_guard_warns_when_best_by_search_is_not_best_by_holdout() -> None:
     assert overfitting_warnings(rows, top_k=3, gap_tolerance=1.0) == []
 
 
+def test_guard_ignores_differences_within_the_eval_noise() -> None:
+    # The quickstart's first real run: chance-level scores on 40 examples (stderr ~0.05-0.09).
+    rows = [
+        GuardRow("trial 0", -0.067, 0.000, 8.56, search_stderr=0.08, holdout_stderr=0.06),
+        GuardRow("trial 1", 0.000, -0.089, 7.52, search_stderr=0.08, holdout_stderr=0.05),
+        GuardRow("trial 10", 0.000, -0.111, 6.80, search_stderr=0.08, holdout_stderr=0.05),
+    ]
+    assert overfitting_warnings(rows) == []
+    # The same differences with no stderr known are reported: the guard cannot tell.
+    bare = [GuardRow(r.label, r.search_score, r.holdout_score, r.objective) for r in rows]
+    assert len(overfitting_warnings(bare)) == 2
+    # Precise scores (large limits) make the same differences real: both rules fire again.
+    sharp = [
+        GuardRow(r.label, r.search_score, r.holdout_score, r.objective, False, 0.005, 0.005)
+        for r in rows
+    ]
+    warnings = overfitting_warnings(sharp)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("trial 10 is the best by search objective but ranks 3 of 3")
+
+
+def test_guard_rows_from_stored_attributes() -> None:
+    attrs = {"search_score": 0.5, "search_stderr": 0.02, "holdout_score": 0.4, "x": 1}
+    row = GuardRow.from_attrs("trial 3", attrs, objective=-0.5)
+    assert row == GuardRow("trial 3", 0.5, 0.4, -0.5, False, 0.02, None)
+    assert row.gap == pytest.approx(0.1) and row.gap_stderr is None
+    # No holdout score stored: the model is not part of the comparison.
+    assert GuardRow.from_attrs("trial 4", {"search_score": 0.5}) is None
+
+
 def test_guard_warns_when_the_gap_grows_during_search_and_in_the_final_run() -> None:
     rows = [
         GuardRow("trial 1", 0.40, 0.38, objective=-0.40),
@@ -269,6 +299,7 @@ def test_evaluator_scores_a_trial_runs_holdout_and_final(
     assert (mc.task, mc.n_examples) == ("quickstart_heldout_mc", 8)
     # objective = 0.5 * val_loss - (acc - 0.1) / 0.9
     assert trial.search_score == pytest.approx((mc.value - 0.1) / 0.9)
+    assert trial.search_stderr == pytest.approx(mc.stderr / 0.9)
     assert trial.value == pytest.approx(1.0 - trial.search_score)
     stored = json.loads((tmp_path / "trial-0" / "eval_search.json").read_text())
     assert stored["tasks"]["quickstart_heldout_mc"]["value"] == mc.value
