@@ -210,17 +210,19 @@ def test_a_trial_without_a_known_worker_waits_while_others_live(tmp_path) -> Non
 
 def test_several_live_workers_on_sqlite_are_warned_about(tmp_path) -> None:
     study, ostudy = _study(tmp_path)
-    _add_worker(study.storage, "neighbour", heartbeat_s=600.0, activity="starting")
     log = _Log()
-    Driver(study, ostudy, FakeBackend(study.fake), progress=log).run()
-    warnings = [line for line in log.lines if "share the SQLite storage" in line]
-    # said once, naming the way out
-    assert len(warnings) == 1 and "postgresql://" in warnings[0]
-    assert ledger_for(study).final_claim().state == "done"
-    alone = _Log()
-    study2, ostudy2 = _study(tmp_path / "b")
-    Driver(study2, ostudy2, FakeBackend(study2.fake), progress=alone).run()
-    assert not [line for line in alone.lines if "SQLite" in line]
+    d = Driver(study, ostudy, FakeBackend(study.fake), progress=log)
+    d.workers.register()
+    recover(d)
+    # alone on SQLite: the default, nothing to say
+    assert log.lines == []
+    _add_worker(study.storage, "neighbour", heartbeat_s=600.0, activity="starting")
+    recover(d)
+    recover(d)
+    # a second live worker showed up: said once, naming the way out
+    assert len(log.lines) == 1 and "2 workers" in log.lines[0]
+    assert "share the SQLite storage" in log.lines[0] and "postgresql://" in log.lines[0]
+    d.workers.stop()
 
 
 class _EvictedAt(FakeBackend):
@@ -255,15 +257,20 @@ def test_an_evicted_worker_stops_and_tells_its_trial_nothing(tmp_path) -> None:
     (t,) = ostudy.get_trials()
     # stopped at the eval after the eviction; the trial is left for whoever took it over
     assert backend.seen == 3 and t.state == TrialState.RUNNING and "outcome" not in t.user_attrs
-    Driver(study, ostudy, FakeBackend(study.fake)).run()
-    t = ostudy.get_trials()[0]
-    assert t.user_attrs["outcome"] == "continued"
-    assert ledger_for(study).final_claim().state == "done"
+    # its row stays dead (it was not marked stopped), so the next worker takes the trial over
+    d2 = Driver(study, ostudy, FakeBackend(study.fake))
+    d2.workers.register()
+    recover(d2)
+    assert ostudy.get_trials()[0].user_attrs["outcome"] == "continued"
+    assert ledger_for(study).open_reservations() == 0
+    d2.workers.stop()
 
 
 def test_status_lists_the_workers(tmp_path) -> None:
     study, ostudy = _study(tmp_path)
-    Driver(study, ostudy, FakeBackend(study.fake)).run()
+    d = Driver(study, ostudy, FakeBackend(study.fake))
+    d.workers.register("cpu")
+    d.workers.stop()
     _add_worker(study.storage, "gpu-box", age_s=1.0, heartbeat_s=60.0, trial_number=7,
                 device="NVIDIA H100 (CUDA_VISIBLE_DEVICES=3)")  # fmt: skip
     text = show_status(str(study.run_dir))
