@@ -197,6 +197,32 @@ def test_in_memory_eval_of_local_tasks_from_any_cwd(
 
 
 @pytest.mark.slow
+def test_a_group_reports_its_aggregate_over_all_subtask_examples(
+    model_dir: Path, tasks_dir: Path, tmp_path: Path
+) -> None:
+    # Groups such as `mmlu` are how the challenge tasks come; this one lives in a 2nd folder.
+    (tmp_path / "group").mkdir()
+    (tmp_path / "group" / "qs_mc.yaml").write_text(
+        "group: qs_mc\n"
+        "task: [quickstart_heldout_mc, quickstart_holdout_mc]\n"
+        "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    report = evaluate(
+        model, tokenizer, [TaskRequest("qs_mc", limit=3)],
+        include_paths=[tasks_dir, tmp_path / "group"],
+    )  # fmt: skip
+    (group,) = report.tasks
+    # Three examples from each of the two subtasks.
+    assert (group.task, group.metric, group.n_examples) == ("qs_mc", "acc,none", 6)
+    assert round(group.value * 6, 6) == round(group.value * 6) and group.stderr is not None
+
+
+@pytest.mark.slow
 def test_peft_in_memory_matches_merged_export_through_lm_eval(
     model_dir: Path, tasks_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
