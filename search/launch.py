@@ -109,7 +109,13 @@ def resume(
     if (target is None) == (storage is None):
         raise UserInputError("resume: give a run directory or storage URL, or --storage URL")
     study, ostudy = load_from_storage(target or str(storage), name)
-    study.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(
+            f"run directory {study.run_dir}: cannot create it ({e.strerror}); every worker "
+            "needs the launcher's run directory at the same path (a shared filesystem)"
+        ) from None
     _run_and_print(study, ostudy, heartbeat_s)
 
 

@@ -186,10 +186,12 @@ class WorkerRegistry:
     # --- this worker ----------------------------------------------------------------------
 
     def register(self, device: str | None = None) -> None:
-        """Insert this worker's row (alive from now on)."""
+        """Insert this worker's row (alive from now on); a second call starts it afresh."""
         me = psutil.Process()
+        self.evicted = False
         with self._engine.begin() as conn:
             now = conn.execute(sa.select(self._now())).scalar_one()
+            conn.execute(WORKERS.delete().where(self._mine()))
             conn.execute(
                 WORKERS.insert().values(
                     study_name=self.study_name,

@@ -286,3 +286,19 @@ def test_tpe_lies_about_running_trials() -> None:
     study = load_study_text(STUDY, Path("."))  # the default sampler: TPE
     # constant liar: a trial running on another worker counts as a bad one when sampling
     assert make_sampler(study)._constant_liar is True
+
+
+def test_resume_wants_one_place_to_find_the_study(tmp_path) -> None:
+    from budgetune.engine.errors import UserInputError
+    from budgetune.search.launch import resume
+
+    with pytest.raises(UserInputError, match="run directory or storage URL"):
+        resume(None)
+    with pytest.raises(UserInputError, match="run directory or storage URL"):
+        resume(str(tmp_path), storage="postgresql://nowhere/db")
+    # a study whose run directory cannot exist here: one line saying what workers need
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = load_study_text(STUDY, tmp_path, run_dir=Path("/proc/budgetune"), storage=url)
+    create_or_load(study, open_storage(url))
+    with pytest.raises(UserInputError, match="same path"):
+        resume(None, "crew", storage=url)
