@@ -5,7 +5,8 @@ as Optuna's RDBStorage), so it survives crashes, is shared by every worker of a 
 readable by reports: `budgetune_budget` (one row per study: total, final reserve, margin;
 the row every transaction locks), `budgetune_ledger` (append-only spend rows: study, worker,
 category, trial number, seconds, created_at as Unix time), `budgetune_reservations` (a
-trial's allowance, held while it runs) and `budgetune_claims` (the exactly-once final run).
+trial's allowance, held while it runs) and `budgetune_claims` (exactly-once jobs: the final
+run, and `continue:<n>`, the takeover of a dead worker's trial n).
 
 Rules (B = total, R = final reserve = B * final_share, S = B - R the search share, M = margin):
 
@@ -25,8 +26,11 @@ Rules (B = total, R = final reserve = B * final_share, S = B - R the search shar
    trial has charged). If a < the minimum useful trial, no trial starts: the search is over.
    A trial's charges consume its reservation; the driver stops the trial when they reach it
    (so it overruns by at most one optimizer step plus a checkpoint write), and releases the
-   unused rest when the trial ends. The margin M absorbs those overruns and the overhead
-   between trials, which is what keeps the final run's reserve whole.
+   unused rest when the trial ends. The driver charges a trial's asking, sampling and
+   bookkeeping (`overhead`, no trial number) to its reservation too, so workers that hold
+   the whole search share between them spend nothing unreserved. The margin M absorbs the
+   overruns and the rest of the overhead (a worker's start, model load included), which is
+   what keeps the final run's reserve whole: give it room for each worker's start.
 4. The final run is claimed once per study (a `budgetune_claims` row, inserted in a
    transaction) and only when no reservation is open (every search trial has ended). Its
    allotment is fixed at claim time: B - spent, which is >= R as long as overruns stayed
