@@ -10,14 +10,16 @@ Layout under `<out_dir>/checkpoints/`:
         manifest.json         size and sha256 of every file above
     latest                  name of the newest checkpoint (replaced atomically)
 
-A checkpoint is written into a hidden temp folder, fsynced, and renamed into place, so a crash
-mid-write leaves no folder that looks complete. Loading checks the manifest; a corrupt or
-half-written checkpoint is skipped with a warning and the previous good one is used.
+A checkpoint is written into a hidden temp folder, fsynced, and renamed into place (by a
+background thread, so training goes on), so a crash mid-write leaves no folder that looks
+complete. Loading checks the manifest; a corrupt or half-written checkpoint is skipped with a
+warning and the previous good one is used.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,12 +31,13 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from budgetune.engine.config import RunConfig
 from budgetune.engine.errors import UserInputError
 from safetensors.torch import load_file, save_file
 
@@ -254,6 +257,51 @@ def load_checkpoint(root: Path, map_location: str | torch.device = "cpu") -> Che
 
 
 # --- a run's state ---------------------------------------------------------------------------
+
+RESUME_KEYS = ("sources", "val", "weights", "precision", "quantize", "lora", "learning_rate",
+               "weight_decay", "warmup_steps", "global_batch", "micro_batch", "max_seq_length",
+               "mask_prompt", "grad_clip", "seed")  # fmt: skip
+"""Config fields a checkpoint must agree on to be resumed: they decide what the next step does."""
+
+
+@dataclass
+class Progress:
+    """Everything a checkpoint carries besides weights: where the run is and what it saw."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    """Non-padding training tokens."""
+    batch_tokens: int = 0
+    """Training tokens including padding (what the GPU computed on)."""
+    elapsed_s: float = 0.0
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    total_steps: int | None = None
+    """The fixed horizon in optimizer steps (None while a seconds horizon is measuring)."""
+    horizon: list[float | None] = field(default_factory=list)
+    """(max_steps, max_tokens, max_seconds) that `total_steps` was fixed for."""
+    step_times: list[float] = field(default_factory=list)
+    """Durations of the first optimizer steps, for the seconds horizon's estimate."""
+    max_step_s: float = 0.0
+    """The slowest optimizer step so far (what a seconds horizon may overrun by)."""
+    last_eval_s: float = 0.0
+    checkpoint_s: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    loss_start: float | None = None
+    loss_ema: float | None = None
+    lr: float = 0.0
+    initial_val_loss: float | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    """EvalEvent dicts, one per eval the callbacks saw."""
+
+
+def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """The config fields (`RESUME_KEYS`) a checkpoint records and a resume must match."""
+    data = dataclasses.asdict(config)
+    return json.loads(json.dumps({k: data[k] for k in RESUME_KEYS}, default=str))
+
+
 
 
 @dataclass

@@ -38,10 +38,6 @@ MEASURE_STEPS = 3
 of kernels and allocator, so it is excluded from the estimate when there are more)."""
 EMA_DECAY = 0.9
 """Smoothing of the train loss for the divergence test: one bad micro-batch is not divergence."""
-RESUME_KEYS = ("sources", "val", "weights", "precision", "quantize", "lora", "learning_rate",
-               "weight_decay", "warmup_steps", "global_batch", "micro_batch", "max_seq_length",
-               "mask_prompt", "grad_clip", "seed")  # fmt: skip
-"""Config fields a checkpoint must agree on to be resumed: they decide what the next step does."""
 
 
 def get_lr(
@@ -64,36 +60,6 @@ def get_lr(
 
 
 @dataclass
-class Progress:
-    """Everything a checkpoint carries besides weights: where the run is and what it saw."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    """Non-padding training tokens."""
-    batch_tokens: int = 0
-    """Training tokens including padding (what the GPU computed on)."""
-    elapsed_s: float = 0.0
-    train_s: float = 0.0
-    eval_s: float = 0.0
-    total_steps: int | None = None
-    """The fixed horizon in optimizer steps (None while a seconds horizon is measuring)."""
-    horizon: list[float | None] = field(default_factory=list)
-    """(max_steps, max_tokens, max_seconds) that `total_steps` was fixed for."""
-    step_times: list[float] = field(default_factory=list)
-    """Durations of the first optimizer steps, for the seconds horizon's estimate."""
-    last_eval_s: float = 0.0
-    checkpoint_s: float = 0.0
-    loss_sum: float = 0.0
-    loss_count: int = 0
-    loss_start: float | None = None
-    loss_ema: float | None = None
-    lr: float = 0.0
-    initial_val_loss: float | None = None
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    """EvalEvent dicts, one per eval the callbacks saw."""
-
-
-@dataclass
 class _Run:
     """One run's live objects, passed between setup, fit and validate."""
 
@@ -103,7 +69,7 @@ class _Run:
     optimizer: Any
     sampler: MixtureSampler
     val_batches: list[dict[str, torch.Tensor]]
-    progress: Progress
+    progress: ckpt.Progress
     guard: MemoryGuard
     callbacks: Sequence[Callback]
     stop_check: StopCheck | None
@@ -136,7 +102,7 @@ class _Diverging(Exception):
 
     def __init__(self, step: int, loss: float, why: str) -> None:
         super().__init__(why)
-        self.args_ = (step, loss, why)
+        self.details = (step, loss, why)
 
 
 def run_on(
@@ -155,7 +121,7 @@ def run_on(
     try:
         result = main(worker, config, callbacks, stop_check, resume, start)
     except _Diverging as e:
-        failure = ("diverged", e.args_)
+        failure = ("diverged", e.details)
     except Exception as e:
         if not is_out_of_memory(e):
             worker.drop_adapter()
@@ -217,16 +183,14 @@ def setup(
     )
     model, optimizer = fabric.setup(peft_model, optimizer)
     mixture = sampler.mixture
-    mean_len = sum(
-        mixture.get(s.name, 0.0) * s.n_tokens / max(1, len(s)) for s in train_sources
-    )
+    mean_len = sum(mixture.get(s.name, 0.0) * s.n_tokens / max(1, len(s)) for s in train_sources)
     stats = {
         "n_truncated": sum(s.n_truncated for s in [*train_sources, val]),
         "n_prompt_too_long": sum(s.n_prompt_too_long for s in [*train_sources, val]),
         "n_trainable_params": sum(p.numel() for p in trainable),
         "mean_example_tokens": mean_len,
     }
-    progress = Progress(
+    progress = ckpt.Progress(
         total_steps=_fixed_total_steps(config, mean_len),
         horizon=[config.max_steps, config.max_tokens, config.max_seconds],
     )
@@ -306,6 +270,7 @@ def fit(run: _Run) -> str:
                 p.tokens_seen += n_real
                 p.batch_tokens += n_batch
                 p.train_s += step_s
+                p.max_step_s = max(p.max_step_s, step_s)
                 if len(p.step_times) < MEASURE_STEPS:
                     p.step_times.append(step_s)
                 _track_loss(p, loss, config.divergence_factor)
@@ -395,14 +360,16 @@ def evaluate(run: _Run, final: bool = False) -> bool:
     event = EvalEvent(step=p.step, tokens_seen=p.tokens_seen, elapsed_s=run.elapsed(),
                       metrics=metrics)  # fmt: skip
     p.curve.append(event.to_dict())
-    if config.checkpoint_interval is None or p.step % config.checkpoint_interval == 0 or final:
+    interval = config.checkpoint_interval
+    saved = final or interval is None or p.step % interval == 0
+    if saved:
         save_checkpoint(run)
     _append_line(run.metrics_path, {"kind": "eval", **event.to_dict()})
     stop = False
     for callback in run.callbacks:
         stop = bool(callback(event)) or stop
-    if stop and not final and config.checkpoint_interval is not None:
-        save_checkpoint(run)
+    if stop and not saved:
+        save_checkpoint(run)  # a stopped run must be resumable from where it stopped
     return stop and not final
 
 
@@ -414,7 +381,7 @@ def save_checkpoint(run: _Run) -> None:
     """
     t = time.perf_counter()
     run.writer.submit(_snapshot(run), run.model, run.optimizer,
-                      _resume_fingerprint(run.config))  # fmt: skip
+                      ckpt.resume_fingerprint(run.config))  # fmt: skip
     run.progress.checkpoint_s = time.perf_counter() - t
 
 
@@ -438,7 +405,7 @@ def _horizon_reached(run: _Run) -> bool:
     return config.max_tokens is not None and p.tokens_seen >= config.max_tokens
 
 
-def _step_estimate_s(p: Progress) -> float:
+def _step_estimate_s(p: ckpt.Progress) -> float:
     """Mean optimizer-step time, leaving out the first step (allocator and kernel warmup)."""
     if p.step > 1 and p.step_times:
         return (p.train_s - p.step_times[0]) / (p.step - 1)
@@ -487,7 +454,7 @@ def _next_step_fits(run: _Run) -> bool:
     return run.elapsed() + needed <= config.max_seconds
 
 
-def _track_loss(p: Progress, loss: float, factor: float) -> None:
+def _track_loss(p: ckpt.Progress, loss: float, factor: float) -> None:
     """Accumulate the train loss and raise `_Diverging` on NaN/inf or a blown-up loss."""
     if not math.isfinite(loss):
         raise _Diverging(p.step, loss, "loss is not finite")
@@ -521,18 +488,13 @@ def _snapshot(run: _Run) -> ckpt.Snapshot:
     return ckpt.Snapshot(dataclasses.asdict(run.progress), sampler, rng)
 
 
-def _resume_fingerprint(config: RunConfig) -> dict[str, Any]:
-    data = dataclasses.asdict(config)
-    return json.loads(json.dumps({k: data[k] for k in RESUME_KEYS}, default=str))
-
-
 def _restore(run: _Run, found: ckpt.Checkpoint) -> None:
     """Continue the checkpointed run: weights, optimizer, sampler, generators, counters, log."""
     saved = ckpt.restore_run(
-        found, run.model, run.optimizer, run.sampler, _resume_fingerprint(run.config)
+        found, run.model, run.optimizer, run.sampler, ckpt.resume_fingerprint(run.config)
     )
     fresh_total, horizon = run.progress.total_steps, run.progress.horizon
-    run.progress = Progress(**saved)
+    run.progress = ckpt.Progress(**saved)
     if run.progress.horizon != horizon:
         # A longer (or shorter) run asked of the same checkpoint: refit the schedule to the new
         # horizon (a seconds horizon refits at the next step from the times measured so far).
@@ -557,6 +519,7 @@ def _throughput(run: _Run) -> dict[str, float]:
         "nonpad_tokens_per_s": p.tokens_seen / train_s,
         "padding_fraction": 1.0 - p.tokens_seen / p.batch_tokens if p.batch_tokens else 0.0,
         "step_time_s": p.train_s / p.step if p.step else 0.0,
+        "max_step_time_s": p.max_step_s,
         "peak_memory_bytes": float(run.guard.peak_bytes()),
     }
 
