@@ -212,17 +212,19 @@ class ReplayOutcome:
 
 
 def replay_study(study: Study, backend: ReplayBackend) -> ReplayOutcome:
-    """Run the real driver on `backend` with in-memory storage and ledger; no files kept.
+    """Run the real driver on `backend`, keeping nothing: a study in seconds, not GPU-hours.
 
-    The study's sampler, pruner, budget and space apply as written; its storage and run
-    directory are replaced (an in-memory SQLite ledger, a temporary folder).
+    The study's sampler, pruner, budget and space apply as written; its run directory and
+    storage are replaced by a temporary folder (in memory where the system has /dev/shm) with
+    a SQLite file for the ledger and worker registry, and Optuna's trials are kept in memory.
     """
     from budgetune.search.driver import Driver
     from budgetune.search.storage import make_pruner, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="budgetune-replay-") as tmp:
-        s = dataclasses.replace(study, storage="sqlite://", run_dir=Path(tmp))
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="budgetune-replay-", dir=shm) as tmp:
+        s = dataclasses.replace(study, storage=f"sqlite:///{tmp}/study.db", run_dir=Path(tmp))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ostudy = optuna.create_study(
