@@ -220,6 +220,7 @@ def main(
             run.progress.eval_s += run.progress.last_eval_s
             _append_line(run.metrics_path, {"kind": "initial", "step": 0,
                                             "val_loss": run.progress.initial_val_loss})
+        run.model.train()  # LoRA dropout on (also when a resume skipped the first validation)
         _mark_step_start(run)
         with _progress_bar(run):
             status = fit(run)

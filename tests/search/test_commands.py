@@ -160,11 +160,11 @@ def test_train_merge_generate_through_the_cli(monkeypatch, capsys, tmp_path) -> 
     assert code == 0, err[-2000:]
     assert f"merged model: {merged}" in out and (merged / "model.safetensors").is_file()
 
-    code, from_run, _ = budgetune(monkeypatch, capsys, "generate", str(run_dir), "-p",
-                                  "What is 2 plus 3?", "--max-new-tokens", "6")  # fmt: skip
+    # Raw prose (no template) that the base model continues rather than ending at once.
+    prompt = ["-p", "Gaiki is 18 years old and", "--raw", "--max-new-tokens", "6"]
+    code, from_run, _ = budgetune(monkeypatch, capsys, "generate", str(run_dir), *prompt)
     assert code == 0
-    code, from_merged, _ = budgetune(monkeypatch, capsys, "generate", str(merged), "-p",
-                                     "What is 2 plus 3?", "--max-new-tokens", "6")  # fmt: skip
+    code, from_merged, _ = budgetune(monkeypatch, capsys, "generate", str(merged), *prompt)
     # Base + the run's adapter and the merged export answer the same (greedy).
     assert code == 0 and from_run == from_merged and from_run.strip()
 
