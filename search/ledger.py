@@ -240,6 +240,14 @@ class Ledger:
 
     def create(self, total_s: float, final_reserve_s: float, margin_s: float) -> None:
         """Record the study's budget once; later calls must agree with it."""
+        try:
+            self._create(total_s, final_reserve_s, margin_s)
+        except sa.exc.IntegrityError:
+            # workers starting together: the row did not exist to lock (PostgreSQL), and
+            # another worker inserted it first; now it exists, so check that it agrees
+            self._create(total_s, final_reserve_s, margin_s)
+
+    def _create(self, total_s: float, final_reserve_s: float, margin_s: float) -> None:
         with self._txn() as conn:
             row = conn.execute(
                 sa.select(BUDGET).where(BUDGET.c.study_name == self.study_name)

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from budgetune.search.ledger import CLAIMS, Ledger
 from budgetune.search.storage import create_or_load, open_storage
 from budgetune.search.study import load_study
-from budgetune.search.workers import list_workers
+from budgetune.search.workers import WorkerRegistry, list_workers
 from optuna.trial import TrialState
 
 CLI = [sys.executable, "-c", "from budgetune.search.cli import main; main()"]
@@ -278,6 +278,31 @@ def _without_eval(text: str) -> str:
         if not in_eval:
             keep.append(line)
     return "".join(keep)
+
+
+def test_workers_starting_together_create_tables_and_budget_once(pg_url: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def start(i: int) -> None:
+        try:
+            barrier.wait()
+            WorkerRegistry(pg_url, "together", f"w{i}").close()
+            led = Ledger(pg_url, "together", f"w{i}")
+            barrier.wait()
+            led.create(total_s=50.0, final_reserve_s=10.0, margin_s=1.0)
+            led.close()
+        except BaseException as e:  # collected: an assert in a thread would pass silently
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # no worker failed on CREATE TABLE or on inserting the one budget row
+    assert errors == []
+    assert Ledger(pg_url, "together", "reader").totals().total_s == 50.0
 
 
 @pytest.mark.slow
