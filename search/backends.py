@@ -56,6 +56,13 @@ class Score:
     """Weighted normalized score of the search tasks (None: objective = validation loss)."""
     holdout_score: float | None = None
     """Holdout tasks (never part of the objective), on top trials and the final model."""
+    search_stderr: float | None = None
+    """Standard error of `search_score` (None: unknown); the overfitting guard ignores
+    differences within a few of these, because short-horizon evals are noisy."""
+    holdout_stderr: float | None = None
+    """Standard error of `holdout_score` (None: unknown)."""
+    holdout_tasks: dict[str, Any] = field(default_factory=dict)
+    """Per-task results of the holdout tasks, keyed by task (empty when none ran)."""
 
 
 class Objective(Protocol):
@@ -105,6 +112,21 @@ class TrialBackend(Protocol):
         """Free what setup loaded."""
 
 
+def fair_cap(demands: list[int | None], docs: float) -> int | None:
+    """The largest per-task example cap c with sum(min(demand, c)) <= docs (water-filling:
+    tasks asking for fewer keep all of theirs, the rest share what is left evenly); None
+    when every demand fits as it is. A demand of None (no limit) never fits."""
+    bounded = sorted(d for d in demands if d is not None)
+    used = 0
+    for i, d in enumerate(bounded):
+        sharing = len(demands) - i
+        if used + d * sharing > docs:
+            return max(0, int((docs - used) // sharing))
+        used += d
+    unbounded = len(demands) - len(bounded)
+    return max(0, int((docs - used) // unbounded)) if unbounded else None
+
+
 def final_val_loss(result: RunResult) -> float | None:
     """The last validation loss a run measured (its final metrics, else its curve)."""
     v = result.metrics.get("val_loss")
@@ -128,7 +150,7 @@ class EngineBackend:
         self.worker: Any = None
         self._eval_docs_per_s = 0.0
         self.final_eval_limit: int | None = None
-        """Examples per task the final eval was cut to (None: as configured)."""
+        """Examples per task the final eval was cut to (None: as configured; 0: no time)."""
         # Import torch & co. now, before the driver's clock starts: that is process start-up,
         # not time the worker holds the GPU (the model load in setup() is, and is charged).
         from budgetune.engine.train import Worker
@@ -156,6 +178,7 @@ class EngineBackend:
             dict(getattr(s, "tasks", {}) or {}),
             float(s.seconds),
             search_score=getattr(s, "search_score", None),
+            search_stderr=getattr(s, "search_stderr", None),
         )
         docs = sum(int(t.get("n_examples", 0)) for t in score.tasks.values())
         if docs and s.seconds > 0:
@@ -164,40 +187,66 @@ class EngineBackend:
         if is_candidate is not None and is_candidate(score.value, previous or []):
             h = self.objective.holdout(model, tok, out_dir=out)  # type: ignore[attr-defined]
             score.holdout_score, score.seconds = h.score, score.seconds + h.seconds
+            score.holdout_stderr = getattr(h, "stderr", None)
+            score.holdout_tasks = dict(getattr(h, "tasks", {}) or {})
         return score
 
     def score_final(self, result: RunResult, seconds_left: float | None = None) -> Score:
         val = final_val_loss(result)
-        objective = self._capped(seconds_left)
-        final = getattr(objective, "final", None)
+        value = float("nan") if val is None else val
+        final = getattr(self.objective, "final", None)
         if final is None:
-            return Score(float("nan") if val is None else val)
-        f = final(self.worker.model, self.worker.tokenizer, out_dir=result.out_dir)
-        holdout = f.holdout.score if f.holdout is not None else None
-        return Score(float("nan") if val is None else val, dict(f.tasks), float(f.seconds),
-                     search_score=f.search_score, holdout_score=holdout)  # fmt: skip
+            return Score(value)
+        settings = self._capped(seconds_left)
+        if settings is False:
+            return Score(value)  # not one example per task fits in the time left
+        swap = settings is not None
+        if swap:  # the same Evaluator (its lm-eval task index is built), with cut limits
+            configured, self.objective.settings = self.objective.settings, settings  # type: ignore[attr-defined]
+        try:
+            f = final(self.worker.model, self.worker.tokenizer, out_dir=result.out_dir)
+        finally:
+            if swap:
+                self.objective.settings = configured  # type: ignore[attr-defined]
+        h = f.holdout
+        return Score(
+            value, dict(f.tasks), float(f.seconds),
+            search_score=f.search_score, holdout_score=h.score if h is not None else None,
+            search_stderr=getattr(f, "search_stderr", None),
+            holdout_stderr=getattr(h, "stderr", None) if h is not None else None,
+            holdout_tasks=dict(h.tasks) if h is not None else {},
+        )  # fmt: skip
 
     def _capped(self, seconds_left: float | None) -> Any:
-        """The objective, with the final eval's example limits cut to fit `seconds_left`.
+        """The objective's settings with the final eval's example limits cut to fit
+        `seconds_left`; None: run as configured; False: not even one example per task fits.
 
-        The rate is the documents per second the trials' evals reached; 80% of the time
-        left is split evenly over the final's tasks (final, search and holdout). Without a
-        measured rate (no trial was scored by tasks) the final eval runs as configured.
+        The final eval runs three sections (final, search and holdout tasks), so all three
+        are cut: a final model's search score on fewer examples (the first ones of the same
+        set) is noisier, which its standard error says, but an eval past the budget is not
+        allowed. The rate is the documents per second the trials' evals reached; 80% of the
+        time left is shared out as `fair_cap` says. Without a measured rate (no trial was
+        scored by tasks) the final eval runs as configured.
         """
         settings = getattr(self.objective, "settings", None)
         if seconds_left is None or settings is None or not self._eval_docs_per_s:
-            return self.objective
-        n_tasks = len(settings.final) + len(settings.search) + len(settings.holdout)
-        if not n_tasks:
-            return self.objective
-        cap = max(1, int(0.8 * max(0.0, seconds_left) * self._eval_docs_per_s / n_tasks))
-        capped = [
-            dataclasses.replace(t, limit=min(t.limit, cap) if t.limit else cap)
-            for t in settings.final
-        ]
+            return None
+        sections = {k: getattr(settings, k) for k in ("final", "search", "holdout")}
+        demands = [t.limit for tasks in sections.values() for t in tasks]
+        if not demands:
+            return None
+        docs = 0.8 * max(0.0, seconds_left) * self._eval_docs_per_s
+        cap = fair_cap(demands, docs)
         self.final_eval_limit = cap
-        new = dataclasses.replace(settings, final=capped)
-        return type(self.objective)(new, self.objective.work_dir)  # type: ignore[attr-defined]
+        if cap is None:
+            return None
+        if cap < 1:
+            return False
+        cut = {
+            k: [dataclasses.replace(t, limit=min(t.limit, cap) if t.limit else cap) for t in v]
+            for k, v in sections.items()
+        }
+        return dataclasses.replace(settings, **cut)
 
     def export(self, out_dir: Path) -> Path:
         return Path(self.worker.export_merged(Path(out_dir)))

@@ -80,6 +80,21 @@ class _Frontier:
         return None
 
 
+def _score_attrs(score: Any) -> dict[str, Any]:
+    """A trial's eval as user attrs: per-task results (`eval_tasks`, `holdout_tasks`), the
+    search and holdout scores and their standard errors (what the overfitting guard reads
+    back through `GuardRow.from_attrs`); a value the backend did not measure is left out."""
+    out: dict[str, Any] = {}
+    if score.tasks:
+        out["eval_tasks"] = score.tasks
+    if getattr(score, "holdout_tasks", None):
+        out["holdout_tasks"] = score.holdout_tasks
+    for k in ("search_score", "search_stderr", "holdout_score", "holdout_stderr"):
+        if getattr(score, k, None) is not None:
+            out[k] = getattr(score, k)
+    return out
+
+
 class Driver:
     """Runs one study to its end (or to Ctrl-C) in this process; see the module docstring."""
 
@@ -331,11 +346,7 @@ class Driver:
             score = self.backend.score(result, previous)
             reporter.phase(None)
             extra["val_loss"] = val
-            if score.tasks:
-                extra["eval_tasks"] = score.tasks
-            for k in ("search_score", "holdout_score"):
-                if getattr(score, k) is not None:
-                    extra[k] = getattr(score, k)
+            extra.update(_score_attrs(score))
             self._finish(trial, "complete", TrialState.COMPLETE, reporter, extra, value=score.value)
         except OutOfMemory as e:
             reporter.phase(None)
@@ -503,7 +514,10 @@ class Driver:
             "final.val_loss": final_val_loss(result),
             "final.tasks": score.tasks,
             "final.search_score": score.search_score,
+            "final.search_stderr": getattr(score, "search_stderr", None),
             "final.holdout_score": score.holdout_score,
+            "final.holdout_stderr": getattr(score, "holdout_stderr", None),
+            "final.holdout_tasks": getattr(score, "holdout_tasks", None) or {},
             "final.eval_limit": getattr(self.backend, "final_eval_limit", None),
             "final.steps": result.step,
             "final.tokens_seen": result.tokens_seen,

@@ -36,6 +36,8 @@ def make_backend(study: Study) -> TrialBackend:
         from budgetune.search.evaluation import Evaluator
 
         objective = Evaluator(study.eval, study.run_dir / "eval")
+        # An unknown task name fails here, at launch, not after the first trial has trained.
+        objective.check_tasks()
     return EngineBackend(study.model.name, study.model.precision, study.model.quantize, objective)
 
 

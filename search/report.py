@@ -28,7 +28,6 @@ from budgetune.search.report_data import (
     ReportData,
     as_float,
     collect,
-    holdout_score,
     outcome_of,
     task_scores,
 )
@@ -65,9 +64,10 @@ _CATEGORY_LABELS = {
     "final": "final run",
     "overhead": "overhead (between trials)",
 }
-_BEST_ATTRS = ("val_loss", "search_score", "holdout_score", "cost_s", "tokens_per_s",
-               "peak_memory_bytes", "padding_fraction")  # fmt: skip
-_FINAL_KEYS = ("status", "reason", "trial", "val_loss", "objective", "search_score", "steps",
+_BEST_ATTRS = ("val_loss", "search_score", "search_stderr", "holdout_score", "holdout_stderr",
+               "cost_s", "tokens_per_s", "peak_memory_bytes", "padding_fraction")  # fmt: skip
+_FINAL_KEYS = ("status", "reason", "trial", "val_loss", "objective", "search_score",
+               "search_stderr", "holdout_score", "holdout_stderr", "eval_limit", "steps",
                "tokens_seen", "train_s", "cost_s", "allotment_s", "tokens_per_s",
                "peak_memory_bytes", "export_dir")  # fmt: skip
 
@@ -277,19 +277,14 @@ def report_warnings(data: ReportData) -> list[str]:
 
 
 def overfitting_warnings(data: ReportData) -> list[str]:
-    """The evaluation module's guard over every trial that ran holdout tasks, then the final."""
-    from budgetune.search.evaluation import GuardRow
+    """The evaluation module's guard over every trial that ran holdout tasks, then the final;
+    with the stored standard errors, so differences within the evals' noise are not flagged."""
     from budgetune.search.evaluation import overfitting_warnings as guard
 
-    rows = [GuardRow(f"trial {t.number}", as_float(t.user_attrs.get("search_score")),
-                     holdout_score(t.user_attrs), t.value)
-            for t in sorted(data.completed, key=lambda t: t.number)
-            if holdout_score(t.user_attrs) is not None]  # fmt: skip
-    final_holdout = holdout_score(data.final)
-    if final_holdout is not None:
-        rows.append(GuardRow("final", as_float(data.final.get("search_score")), final_holdout,
-                             as_float(data.final.get("objective")), final=True))
-    return [f"Overfitting guard: {w}" for w in guard(rows)] if rows else []
+    rows = data.guard_rows()
+    if not rows:
+        return []
+    return [f"Overfitting guard: {w}" for w in guard(rows, gap_tolerance=data.gap_tolerance())]
 
 
 def _summary(data: ReportData) -> str:
@@ -353,8 +348,10 @@ def _final(data: ReportData) -> str:
 def _final_tasks(data: ReportData) -> str:
     scores = task_scores(data.final.get("tasks"))
     holdout = data.final.get("holdout")
+    held = task_scores(data.final.get("holdout_tasks"))
     if isinstance(holdout, dict):
-        scores.update({f"holdout: {k}": v for k, v in task_scores(holdout.get("tasks")).items()})
+        held.update(task_scores(holdout.get("tasks")))
+    scores.update({f"holdout: {k}": v for k, v in held.items()})
     if not scores:
         why = "no final run yet" if not data.final else "the study's [eval] has no final tasks"
         return f"<h3>Per-task evaluation</h3><p>No per-task scores ({why}).</p>"
@@ -363,13 +360,17 @@ def _final_tasks(data: ReportData) -> str:
 
 
 def _guard(data: ReportData) -> str:
-    rows = figs.guard_rows(data, n_best=len(data.trials))
+    rows = data.guard_comparison()
     if not rows:
         return ""
-    table = [(r["label"], r["objective"], r["search"], r["holdout"],
-              None if r["search"] is None else r["search"] - r["holdout"]) for r in rows]
-    return ("<h3>Search vs holdout (overfitting guard)</h3>"
-            + _table(["model", "objective", "search score", "holdout score", "gap"], table))
+    table = [(r["label"], r["objective"], r["search_score"], r["search_stderr"],
+              r["holdout_score"], r["holdout_stderr"], r["gap"], r["holdout_rank"])
+             for r in rows]  # fmt: skip
+    header = ["model", "objective", "search score", "± stderr", "holdout score", "± stderr",
+              "gap", "holdout rank"]  # fmt: skip
+    return ("<h3>Search vs holdout (overfitting guard)</h3>" + _table(header, table)
+            + '<p class="note">Scores are chance-normalized weighted means (0: guessing, '
+            "1: perfect). The guard flags a difference only beyond 2 standard errors.</p>")
 
 
 def _trials(data: ReportData) -> str:

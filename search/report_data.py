@@ -24,6 +24,8 @@ from typing import Any
 import optuna
 import pandas as pd
 from budgetune.engine.errors import UserInputError
+from budgetune.search.evaluation import GuardRow, guard_table
+from budgetune.search.status import guard_rows
 from optuna.trial import FrozenTrial, TrialState
 
 DEFAULT_DB = "study.db"
@@ -148,6 +150,22 @@ class ReportData:
                 return as_float(table[name])
         return None
 
+    def guard_rows(self) -> list[GuardRow]:
+        """Search vs holdout score of every trial that ran holdout tasks, then the final
+        model, with their standard errors (what the overfitting guard judges)."""
+        return guard_rows(self.trials, self.final)
+
+    def guard_comparison(self) -> list[dict[str, Any]]:
+        """The search-vs-holdout table (`evaluation.guard_table`): scores, standard errors,
+        gap and holdout rank of each model in `guard_rows`."""
+        return guard_table(self.guard_rows())
+
+    def gap_tolerance(self) -> float:
+        """The study file's `eval.gap_tolerance` (the guard's default when it sets none)."""
+        ev = self.snapshot.get("eval")
+        value = as_float(ev.get("gap_tolerance")) if isinstance(ev, dict) else None
+        return 0.05 if value is None else value
+
     def objective_name(self) -> str:
         """What the study minimizes: the validation loss unless `[eval]` has search tasks."""
         ev = self.snapshot.get("eval")
@@ -245,20 +263,14 @@ def task_scores(results: Any) -> dict[str, float]:
 
 
 def trial_task_scores(trial: FrozenTrial) -> dict[str, float]:
-    """A trial's per-task scores: flat `task.<name>.<metric>` attrs and its `eval_tasks`."""
+    """A trial's per-task scores: flat `task.<name>.<metric>` attrs, its `eval_tasks` and
+    `holdout_tasks` (search and holdout tasks never share a name)."""
     out = task_scores(trial.user_attrs.get("eval_tasks"))
+    out.update(task_scores(trial.user_attrs.get("holdout_tasks")))
     for key, value in trial.user_attrs.items():
         if key.startswith(TASK_PREFIX) and as_float(value) is not None:
             out[key[len(TASK_PREFIX):]] = float(value)
     return out
-
-
-def holdout_score(attrs: dict[str, Any]) -> float | None:
-    """A `holdout_score` attr, or the score of a stored `holdout` result."""
-    if as_float(attrs.get("holdout_score")) is not None:
-        return as_float(attrs["holdout_score"])
-    holdout = attrs.get("holdout")
-    return as_float(holdout.get("score")) if isinstance(holdout, dict) else None
 
 
 def _cell(value: Any) -> Any:

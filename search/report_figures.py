@@ -26,7 +26,6 @@ from budgetune.search.report_data import (
     PARAM_RANK,
     ReportData,
     as_float,
-    holdout_score,
     outcome_of,
 )
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
@@ -461,19 +460,10 @@ def mix_figure(data: ReportData) -> Figure:
 
 
 def guard_rows(data: ReportData, n_best: int = 10) -> list[dict[str, Any]]:
-    """Search and holdout scores of the best trials with a holdout run, then the final model."""
-    rows = []
-    for t in sorted(data.top_trials(n_best), key=lambda t: t.number):
-        hold = holdout_score(t.user_attrs)
-        if hold is not None:
-            rows.append({"label": f"trial {t.number}", "objective": t.value, "holdout": hold,
-                         "search": as_float(t.user_attrs.get("search_score")), "final": False})
-    hold = holdout_score(data.final)
-    if hold is not None:
-        rows.append({"label": "final", "objective": as_float(data.final.get("objective")),
-                     "holdout": hold, "search": as_float(data.final.get("search_score")),
-                     "final": True})  # fmt: skip
-    return rows
+    """The search-vs-holdout comparison (`ReportData.guard_comparison`) of the best `n_best`
+    trials with a holdout run, in the order they ran, then the final model."""
+    top = {f"trial {t.number}" for t in data.top_trials(n_best)}
+    return [r for r in data.guard_comparison() if r["final"] or r["label"] in top]
 
 
 def holdout_figure(data: ReportData) -> Figure:
@@ -486,12 +476,16 @@ def holdout_figure(data: ReportData) -> Figure:
     fig = go.Figure()
     for key, name, colour in (("search", "search tasks", "#457b9d"),
                               ("holdout", "holdout tasks", "#e76f51")):  # fmt: skip
-        fig.add_trace(go.Bar(x=[r["label"] for r in rows], y=[r[key] for r in rows], name=name,
-                             marker_color=colour))
+        errors = [r[f"{key}_stderr"] for r in rows]
+        error_y = ({"type": "data", "array": [2 * (e or 0.0) for e in errors], "visible": True}
+                   if any(e is not None for e in errors) else None)  # fmt: skip
+        fig.add_trace(go.Bar(x=[r["label"] for r in rows], y=[r[f"{key}_score"] for r in rows],
+                             name=name, marker_color=colour, error_y=error_y))
     fig.update_layout(title=title, barmode="group", yaxis_title="normalized score", height=380)
     return Figure("holdout", title, fig, "The search picks trials by the search tasks; a holdout "
                   "score that lags further behind in later trials means the search is fitting "
-                  "its own tasks.")
+                  "its own tasks. Error bars: 2 standard errors (the guard ignores differences "
+                  "within them).")
 
 
 # --- final run ----------------------------------------------------------------------------

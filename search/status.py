@@ -3,6 +3,9 @@
 `collect()` reads everything from the study's storage (Optuna trials, the ledger, `final.*`
 study attributes), so it works on a running study, a stopped one and a finished one;
 `format_status()` turns it into the text `budgetune status` prints and `launch` ends with.
+Both say what the overfitting guard (`search/evaluation.py`) finds in the stored search and
+holdout scores: a user who only ever reads the summary must still learn the search is
+fitting its own tasks.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from budgetune.search.evaluation import GuardRow, overfitting_warnings
 from budgetune.search.ledger import Ledger, Totals
 from budgetune.search.progress import describe
 from budgetune.search.study import Study
@@ -41,6 +46,8 @@ class StatusReport:
     last_activity: float | None = None
     workers: list[WorkerInfo] = field(default_factory=list)
     """Every worker that joined the study (`workers.py`), oldest first."""
+    guard_warnings: list[str] = field(default_factory=list)
+    """The overfitting guard's warnings over the stored search and holdout scores."""
 
     @property
     def finished(self) -> bool:
@@ -51,6 +58,27 @@ class StatusReport:
         if self.finished or not self.running:
             return None
         return (now or time.time()) + max(0.0, self.totals.remaining_s)
+
+
+def guard_rows(
+    trials: Iterable[optuna.trial.FrozenTrial], final: Mapping[str, Any]
+) -> list[GuardRow]:
+    """The guard's rows from storage: completed trials that ran holdout tasks, in the order
+    they ran (trial number), then the final model (`final`: `final.*` attrs, unprefixed)."""
+    rows = []
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None:
+            row = GuardRow.from_attrs(f"trial {t.number}", t.user_attrs, objective=t.value)
+            if row is not None:
+                rows.append(row)
+    row = GuardRow.from_attrs("final", final, final=True)
+    return [*rows, row] if row is not None else rows
+
+
+def gap_tolerance(study: Study) -> float:
+    """The study's `eval.gap_tolerance` (the guard's default without an `[eval]` section)."""
+    tolerance = getattr(study.eval, "gap_tolerance", None)
+    return 0.05 if tolerance is None else float(tolerance)
 
 
 def collect(study: Study, ostudy: optuna.Study, ledger: Ledger) -> StatusReport:
@@ -77,6 +105,9 @@ def collect(study: Study, ostudy: optuna.Study, ledger: Ledger) -> StatusReport:
     except ValueError:
         pass
     r.final = {k[6:]: v for k, v in ostudy.user_attrs.items() if k.startswith("final.")}
+    rows = guard_rows(trials, r.final)
+    if rows:
+        r.guard_warnings = overfitting_warnings(rows, gap_tolerance=gap_tolerance(study))
     entries = ledger.entries()
     r.last_activity = entries[-1].created_at if entries else None
     recent = r.last_activity is not None and time.time() - r.last_activity < RUNNING_WINDOW_S
@@ -122,6 +153,8 @@ def format_status(r: StatusReport, *, summary: bool = False) -> str:
         lines.append(
             f"  final    {status}"
             + (f", val_loss {f['val_loss']:.4f}" if f.get("val_loss") is not None else "")
+            + _scored(f, "search")
+            + _scored(f, "holdout")
         )
         if f.get("export_dir"):
             lines.append(f"  export   {f['export_dir']}")
@@ -129,6 +162,8 @@ def format_status(r: StatusReport, *, summary: bool = False) -> str:
             lines.append(f"  reason   {f['reason']}")
     elif t.final is not None:
         lines.append("  final    claimed, not finished (resume continues it)")
+    for warning in r.guard_warnings:
+        lines.append(f"  warning  overfitting guard: {warning}")
     if r.workers and not summary:
         alive = [w for w in r.workers if w.alive]
         dead = [w for w in r.workers if not w.alive]
@@ -149,6 +184,15 @@ def format_status(r: StatusReport, *, summary: bool = False) -> str:
             last = f", last activity {_when(r.last_activity)}" if r.last_activity else ""
             lines.append(f"  stopped  resume with `budgetune resume` to finish{last}")
     return "\n".join(lines)
+
+
+def _scored(final: Mapping[str, Any], kind: str) -> str:
+    """`, search score 0.412 ± 0.051` when the final model has that score, else ``."""
+    value, stderr = final.get(f"{kind}_score"), final.get(f"{kind}_stderr")
+    if not isinstance(value, int | float):
+        return ""
+    noise = f" ± {stderr:.3f}" if isinstance(stderr, int | float) else ""
+    return f", {kind} score {value:.3f}{noise}"
 
 
 def show_status(target: str, name: str | None = None) -> str:
