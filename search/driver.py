@@ -47,7 +47,7 @@ from typing import Any
 import optuna
 from budgetune.engine.errors import Diverged, OutOfMemory, RunFailed, UserInputError
 from budgetune.engine.events import RunResult
-from budgetune.search.backends import TrialBackend, final_val_loss
+from budgetune.search.backends import Score, TrialBackend, final_val_loss
 from budgetune.search.ledger import FinalClaim, Ledger, Meter, Reservation
 from budgetune.search.monitor import FinalReporter, Heartbeat, TrialReporter
 from budgetune.search.progress import NullProgress, Progress
@@ -505,7 +505,13 @@ class Driver:
             self._check_interrupt()
         # What is left for the final eval: the budget, minus what export needs (half the tail).
         left = b.total_s - reporter.spent_s - self.meter.pending() - b.final_tail / 2
-        score = self._score_final(result, left)
+        try:
+            score = self._score_final(result, left)
+        except Exception as e:  # a failed eval (a dataset out of reach) must not lose the model
+            attrs["final.eval_error"] = f"{type(e).__name__}: {e}"
+            self.progress.log(f"final run: eval failed ({attrs['final.eval_error']}); exporting")
+            val = final_val_loss(result)
+            score = Score(float("nan") if val is None else val)
         reporter.phase(None)
         export_dir = self.backend.export(final_dir / "export")
         reporter.phase(None)

@@ -66,7 +66,7 @@ _CATEGORY_LABELS = {
 }
 _BEST_ATTRS = ("val_loss", "search_score", "search_stderr", "holdout_score", "holdout_stderr",
                "cost_s", "tokens_per_s", "peak_memory_bytes", "padding_fraction")  # fmt: skip
-_FINAL_KEYS = ("status", "reason", "trial", "val_loss", "objective", "search_score",
+_FINAL_KEYS = ("status", "reason", "eval_error", "trial", "val_loss", "objective", "search_score",
                "search_stderr", "holdout_score", "holdout_stderr", "eval_limit", "steps",
                "tokens_seen", "train_s", "cost_s", "allotment_s", "tokens_per_s",
                "peak_memory_bytes", "export_dir")  # fmt: skip

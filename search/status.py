@@ -160,6 +160,8 @@ def format_status(r: StatusReport, *, summary: bool = False) -> str:
             lines.append(f"  export   {f['export_dir']}")
         if f.get("reason"):
             lines.append(f"  reason   {f['reason']}")
+        if f.get("eval_error"):
+            lines.append(f"  eval     failed: {f['eval_error']}")
     elif t.final is not None:
         lines.append("  final    claimed, not finished (resume continues it)")
     for warning in r.guard_warnings:

@@ -157,6 +157,23 @@ def test_differences_within_the_noise_are_not_flagged(tmp_path: Path) -> None:
     assert not any(w.startswith("Overfitting guard:") for w in report_warnings(data))
 
 
+class FailingFinalEval(FakeBackend):
+    def score_final(self, result: RunResult, seconds_left: float | None = None) -> Score:
+        raise ConnectionError("dataset unreachable")
+
+
+def test_a_failed_final_eval_still_exports_the_model(tmp_path: Path) -> None:
+    study = load_study_text(STUDY.replace("max_trials = 6", "max_trials = 2"), tmp_path,
+                            run_dir=tmp_path / "run")  # fmt: skip
+    ostudy = create_or_load(study, open_storage(study.storage))
+    summary = run_study(study, ostudy, FailingFinalEval(study.fake), NullProgress())
+    attrs = ostudy.user_attrs
+    assert attrs["final.eval_error"] == "ConnectionError: dataset unreachable"
+    # the model trained on the final share of the budget is not lost with its eval
+    assert Path(attrs["final.export_dir"], "fake_model.json").exists()
+    assert attrs["final.val_loss"] > 0 and "eval     failed: ConnectionError" in summary
+
+
 class _Objective:
     """Real score objects of `search/evaluation.py`, without a model or lm-eval."""
 
