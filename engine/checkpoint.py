@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
 from budgetune.engine.config import RunConfig
 from budgetune.engine.errors import UserInputError
-from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
 LATEST = "latest"

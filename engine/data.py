@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from budgetune.engine.config import RunConfig, SourceSpec
 from budgetune.engine.errors import UserInputError
 from budgetune.engine.sources import load_examples, source_fingerprint

@@ -35,6 +35,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import yaml
+
 from budgetune.engine.errors import BudgetuneError, UserInputError
 
 LOCAL_DATASET_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})

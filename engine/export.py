@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
 from budgetune.engine.config import RunConfig
 from budgetune.engine.errors import UserInputError
 from budgetune.engine.model import load_tokenizer, resolve_model_path
 from budgetune.engine.template import Example, format_prompt
-from transformers import AutoModelForCausalLM, GenerationConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 PROVENANCE = "budgetune.json"

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
 from budgetune.engine.config import LoraSettings, RunConfig
 from budgetune.engine.errors import UserInputError
 from budgetune.engine.events import Callback, RunResult, StopCheck
 from budgetune.engine.memory import release_memory
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 ATTENTION_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric import Fabric
+
 from budgetune.engine import checkpoint as ckpt
 from budgetune.engine.config import RunConfig
 from budgetune.engine.data import MixtureSampler, pad_id_for, prepare_data, validation_batches
@@ -31,7 +33,6 @@ from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
 from budgetune.engine.events import Callback, EvalEvent, RunResult, StopCheck
 from budgetune.engine.memory import MemoryGuard, is_out_of_memory
 from budgetune.engine.model import Worker
-from lightning.fabric import Fabric
 
 MEASURE_STEPS = 3
 """Optimizer steps timed before a seconds horizon fixes its step count (the first is warmup

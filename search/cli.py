@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from budgetune.engine.errors import BudgetuneError, UserInputError
 
 app = typer.Typer(

@@ -15,9 +15,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from budgetune.engine.config import LoraSettings, RunConfig
 from budgetune.engine.errors import UserInputError
-from rich.console import Console
 
 ALIASES: dict[str, str] = {
     "lr": "learning_rate",
@@ -164,10 +165,11 @@ def train(study: Path, overrides: list[str], out_dir: Path | None) -> None:
 
 def prepare(study_path: Path) -> None:
     """`budgetune prepare`: fetch the model and datasets, build the tokenized cache."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from budgetune.engine.data import default_cache_dir, tokenize_source
     from budgetune.engine.model import load_tokenizer, resolve_model_path
     from budgetune.search.study import load_study
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     study = load_study(study_path)
     console = _console()
@@ -202,6 +204,7 @@ def generate(
 ) -> None:  # fmt: skip
     """`budgetune generate`: answer a prompt with an exported model, a base+adapter, or a run."""
     import torch
+
     from budgetune.engine.export import adapter_base, find_adapter, generate_text, load_with_adapter
 
     base = model

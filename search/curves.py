@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from budgetune.engine.config import RunConfig
 from budgetune.engine.errors import UserInputError
 from budgetune.search.space import MIX_PREFIX, RULES

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
+
 from budgetune.engine.errors import Diverged, OutOfMemory, RunFailed, UserInputError
 from budgetune.engine.events import RunResult
 from budgetune.search.backends import Score, TrialBackend, final_val_loss
@@ -55,7 +57,6 @@ from budgetune.search.recovery import recover
 from budgetune.search.space import AlphaRatio
 from budgetune.search.study import Study
 from budgetune.search.workers import HEARTBEAT_S, WorkerRegistry
-from optuna.trial import TrialState
 
 OUTCOMES = ("complete", "pruned", "oom", "diverged", "failed", "skipped", "continued")
 MAX_SKIPS = 100

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from budgetune.search.curves import Recording, load_curves, validate_curves
 
 COLUMNS = ("source", "horizon_step", "fraction", "n", "spearman")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search.backends import EngineBackend, FakeBackend, TrialBackend
 from budgetune.search.driver import Driver

@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from budgetune.engine.errors import UserInputError
 from sqlalchemy import event
+
+from budgetune.engine.errors import UserInputError
 
 CATEGORIES = ("train", "eval", "setup", "final", "overhead")
 TRIAL_CATEGORIES = ("train", "eval", "setup")

@@ -14,6 +14,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import optuna
+
 from budgetune.engine.events import EvalEvent
 from budgetune.search.ledger import Reservation
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
 from budgetune.engine.events import EvalEvent
 from budgetune.search.curves import load_curves
@@ -119,6 +120,7 @@ def record_run(worker: Any, study: Study, grid: Grid, point: Point, run_dir: Pat
                evaluator: Any = None) -> pd.DataFrame:  # fmt: skip
     """Train one grid point and return its rows in the curves format."""
     import torch
+
     from budgetune.engine.data import MixtureSampler, pad_id_for, prepare_data
 
     sources = [s.name for s in study.data.sources]

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
 from budgetune.engine.config import RunConfig
 from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
 from budgetune.engine.events import EvalEvent, RunResult

@@ -21,6 +21,7 @@ from typing import Any
 
 import plotly.io as pio
 import plotly.offline
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search import report_figures as figs
 from budgetune.search.report_data import (

@@ -23,10 +23,11 @@ from typing import Any
 
 import optuna
 import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search.evaluation import GuardRow, guard_table
 from budgetune.search.status import guard_rows
-from optuna.trial import FrozenTrial, TrialState
 
 DEFAULT_DB = "study.db"
 """The driver's default storage file inside a run directory."""
@@ -375,6 +376,7 @@ def read_ledger(storage_url: str, study_name: str) -> LedgerSnapshot | None:
     `BEGIN IMMEDIATE`, and a report must never take the write lock from running workers.
     """
     import sqlalchemy as sa
+
     from budgetune.search import ledger as tables
 
     engine = sa.create_engine(storage_url)

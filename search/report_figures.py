@@ -19,6 +19,10 @@ from typing import Any
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
+from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+from optuna.trial import FrozenTrial
+from plotly.subplots import make_subplots
+
 from budgetune.search.report_data import (
     MIX_PREFIX,
     OUTCOMES,
@@ -28,9 +32,6 @@ from budgetune.search.report_data import (
     as_float,
     outcome_of,
 )
-from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
-from optuna.trial import FrozenTrial
-from plotly.subplots import make_subplots
 
 MIN_TRIALS_FOR_IMPORTANCE = 10
 """Below this many completed trials, importances are mostly noise; the page says so."""

@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from budgetune.engine.errors import UserInputError
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
+
+from budgetune.engine.errors import UserInputError
 
 GREEDY_TEMPERATURE = 1e-5
 """At or below this temperature decoding is greedy (HELM maps temperature 0 to 1e-7)."""

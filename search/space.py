@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+
 from budgetune.engine.config import TARGETS
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+
 from budgetune.search.evaluation import GuardRow, overfitting_warnings
 from budgetune.search.ledger import Ledger, Totals
 from budgetune.search.progress import describe

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.pruners import BasePruner
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search.ledger import tune_sqlite
 from budgetune.search.study import Study, load_study_text
-from optuna.pruners import BasePruner
 
 TEXT_KEY = "budgetune.study_toml"
 DIR_KEY = "budgetune.study_dir"

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from budgetune.engine.errors import UserInputError
-from budgetune.search.serve import resolve_model_dir
 from packaging.requirements import Requirement
 from packaging.version import Version
+
+from budgetune.engine.errors import UserInputError
+from budgetune.search.serve import resolve_model_dir
 
 DEFAULT_BASE_IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"
 """Official CUDA PyTorch runtime image; transformers 5 needs torch >= 2.6."""

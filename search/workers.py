@@ -37,6 +37,7 @@ from typing import Any
 
 import psutil
 import sqlalchemy as sa
+
 from budgetune.search.ledger import create_tables, make_engine
 
 HEARTBEAT_S = 30.0

@@ -66,7 +66,6 @@ def run_budgetune(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
 
 def run_hf_trainer(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     import torch
-    from budgetune.engine.data import pad_id_for, tokenize_source
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
@@ -75,6 +74,8 @@ def run_hf_trainer(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         Trainer,
         TrainingArguments,
     )  # fmt: skip
+
+    from budgetune.engine.data import pad_id_for, tokenize_source
 
     tokenizer = AutoTokenizer.from_pretrained(QUICK / "model")
     if tokenizer.pad_token_id is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from budgetune.engine import checkpoint as ckpt
 from budgetune.engine.config import RunConfig, SourceSpec
 from budgetune.engine.errors import UserInputError

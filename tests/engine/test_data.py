@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from budgetune.engine import data as data_mod
 from budgetune.engine.config import RunConfig, SourceSpec
 from budgetune.engine.data import (

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+
 from budgetune.engine.errors import UserInputError
 from budgetune.engine.evaluate import (
     TaskRequest,

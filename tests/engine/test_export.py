@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from budgetune.engine.config import LoraSettings, RunConfig, SourceSpec
 from budgetune.engine.export import generate_text, merge_adapter
 from budgetune.engine.template import Example, format_prompt
 from budgetune.engine.train import Worker
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "studies" / "quickstart" / "model"

@@ -6,16 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from budgetune.engine.config import LoraSettings
-from budgetune.engine.errors import UserInputError
-from budgetune.engine.model import (
-    add_lora,
-    count_trainable,
-    load_base_model,
-    lora_targets,
-    remove_lora,
-    resolve_model_path,
-)
 from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
@@ -28,6 +18,17 @@ from transformers import (
     StableLmConfig,
 )
 from transformers.pytorch_utils import Conv1D
+
+from budgetune.engine.config import LoraSettings
+from budgetune.engine.errors import UserInputError
+from budgetune.engine.model import (
+    add_lora,
+    count_trainable,
+    load_base_model,
+    lora_targets,
+    remove_lora,
+    resolve_model_path,
+)
 
 VOCAB = 128
 SMALL = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from budgetune.engine import model as model_module
 from budgetune.engine.checkpoint import Progress
 from budgetune.engine.config import LoraSettings, RunConfig, SourceSpec

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from budgetune.engine.config import RunConfig, SourceSpec
 from budgetune.engine.errors import OutOfMemory
 from budgetune.engine.train import Worker

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, OPTConfig
+
 from budgetune.engine.config import RunConfig, SourceSpec
 from budgetune.engine.errors import UserInputError
 from budgetune.search import cli
 from budgetune.search.commands import apply_overrides
-from transformers import AutoModelForCausalLM, OPTConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "studies" / "quickstart" / "model"

@@ -6,6 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from optuna.trial import TrialState
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search.backends import FakeBackend
 from budgetune.search.driver import Driver
@@ -14,9 +18,6 @@ from budgetune.search.plan import make_plan, show_plan
 from budgetune.search.status import collect, format_status, show_status
 from budgetune.search.storage import create_or_load, open_storage
 from budgetune.search.study import load_study_text
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from optuna.trial import TrialState
 
 STUDY = """
 [study]

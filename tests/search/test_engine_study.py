@@ -7,12 +7,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from transformers import AutoModelForCausalLM
+
 from budgetune.search.launch import run_study
 from budgetune.search.ledger import Ledger
 from budgetune.search.progress import LineProgress
 from budgetune.search.storage import create_or_load, open_storage
 from budgetune.search.study import load_study_text
-from transformers import AutoModelForCausalLM
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "studies" / "quickstart.toml"
 

@@ -13,6 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from optuna.trial import TrialState
+
 from budgetune.engine.evaluate import TaskResult
 from budgetune.engine.events import RunResult
 from budgetune.search.backends import EngineBackend, FakeBackend, Score, fair_cap
@@ -30,7 +32,6 @@ from budgetune.search.report_data import collect as collect_report
 from budgetune.search.status import collect, format_status, guard_rows
 from budgetune.search.storage import create_or_load, open_storage
 from budgetune.search.study import load_study_text
-from optuna.trial import TrialState
 
 STUDY = """
 [study]

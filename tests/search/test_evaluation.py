@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from budgetune.engine.errors import UserInputError
 from budgetune.engine.evaluate import TaskResult
 from budgetune.search.evaluation import (

@@ -7,10 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from budgetune.engine.errors import UserInputError
-from budgetune.search.ledger import Ledger, Meter
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from budgetune.engine.errors import UserInputError
+from budgetune.search.ledger import Ledger, Meter
 
 
 def _ledger(tmp_path: Path, worker: str = "w1", total: float = 100.0) -> Ledger:

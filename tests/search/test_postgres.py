@@ -21,11 +21,12 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
+from optuna.trial import TrialState
+
 from budgetune.search.ledger import CLAIMS, Ledger
 from budgetune.search.storage import create_or_load, open_storage
 from budgetune.search.study import load_study
 from budgetune.search.workers import WorkerRegistry, list_workers
-from optuna.trial import TrialState
 
 CLI = [sys.executable, "-c", "from budgetune.search.cli import main; main()"]
 QUICKSTART = Path(__file__).resolve().parents[2] / "studies" / "quickstart.toml"

@@ -12,6 +12,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+
 from budgetune.engine.errors import Diverged, OutOfMemory, UserInputError
 from budgetune.engine.events import EvalEvent
 from budgetune.search.curves import load_curves, validate_curves

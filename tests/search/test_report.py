@@ -17,6 +17,10 @@ import optuna
 import pandas as pd
 import plotly.offline
 import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+from typer.testing import CliRunner
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search import report_figures
 from budgetune.search.cli import app
@@ -28,9 +32,6 @@ from budgetune.search.report import (
     write_run_report,
 )
 from budgetune.search.report_data import collect, ledger_spans, task_scores
-from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.trial import TrialState, create_trial
-from typer.testing import CliRunner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

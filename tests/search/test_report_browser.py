@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 import pandas as pd
 import pytest
+
 from budgetune.search.backends import FakeBackend
 from budgetune.search.driver import Driver
 from budgetune.search.launch import run_study

@@ -17,8 +17,9 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
-from budgetune.search.ledger import CLAIMS, Ledger
 from optuna.trial import TrialState
+
+from budgetune.search.ledger import CLAIMS, Ledger
 
 STUDY = """
 [study]

@@ -18,9 +18,10 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search.serve import ModelRunner, ProcessRequest, create_app, resolve_model_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "studies" / "quickstart" / "model"
 HEALTH_CHECK = {"prompt": "The capital of France is "}

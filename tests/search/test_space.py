@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+
 from budgetune.search.space import Fixed, normalize_mix, parse_space, run_overrides
 
 DEFAULTS = {"lora_rank": 8, "micro_batch": 4, "global_batch": 16}

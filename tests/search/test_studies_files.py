@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from budgetune.search.plan import make_plan
 from budgetune.search.space import Choice
 from budgetune.search.study import load_study

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search.space import AlphaRatio, Choice, Fixed, Range
 from budgetune.search.study import load_study, load_study_text

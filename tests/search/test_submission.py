@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
 from budgetune.engine.errors import UserInputError
 from budgetune.search.cli import main
 from budgetune.search.submission import DEFAULT_BASE_IMAGE, export_submission

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from optuna.trial import TrialState
+
 from budgetune.engine.errors import RunFailed
 from budgetune.search.backends import FakeBackend
 from budgetune.search.driver import Driver
@@ -32,7 +34,6 @@ from budgetune.search.workers import (
     host_key,
     list_workers,
 )
-from optuna.trial import TrialState
 
 # ask() outside Study.optimize, as the driver does: Optuna warns about its heartbeat
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage")
