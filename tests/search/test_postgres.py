@@ -314,9 +314,10 @@ def test_two_engine_workers_finish_a_small_study_on_postgresql(
         pytest.skip("the quickstart model is not built (python studies/quickstart/build.py)")
     text = _without_eval(QUICKSTART.read_text())
     # the quickstart, shrunk: two short trials (one per worker), a short final run, scored
-    # by validation loss (lm-eval tasks are tested elsewhere; here they would only add time)
-    for key, value in (("total_s", "36"), ("trial_s", "8"), ("min_trial_s", "4"),
-                       ("final_share", "0.35"), ("run_dir", '"run"'), ("final_tail_s", "4"),
+    # by validation loss (lm-eval tasks are tested elsewhere; here they would only add time);
+    # the search share leaves room for both workers' start (model load) on a busy machine
+    for key, value in (("total_s", "40"), ("trial_s", "7"), ("min_trial_s", "3"),
+                       ("final_share", "0.3"), ("run_dir", '"run"'), ("final_tail_s", "4"),
                        ("trial_eval_s", "0")):  # fmt: skip
         text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
     text = text.replace('name = "quickstart"\n', 'name = "engine-pair"\nmax_trials = 2\n')
@@ -328,9 +329,10 @@ def test_two_engine_workers_finish_a_small_study_on_postgresql(
     second = _start("resume", "--storage", pg_url, "--study", "engine-pair", cwd=tmp_path)
     _finish([first, second], timeout=300)
 
-    ostudy = _check_books(pg_url, "engine-pair", 36.0)
+    ostudy = _check_books(pg_url, "engine-pair", 40.0)
+    seen = [(t.number, t.state.name, t.user_attrs.get("reason")) for t in ostudy.get_trials()]
     trials = [t for t in ostudy.get_trials() if t.user_attrs["outcome"] != "skipped"]
-    assert len(trials) >= 2 and any(t.state == TrialState.COMPLETE for t in trials)
+    assert len(trials) >= 2 and any(t.state == TrialState.COMPLETE for t in trials), seen
     for t in trials:
         # real throughput from the engine on every trial that trained
         if t.user_attrs["outcome"] in ("complete", "pruned"):
