@@ -16,6 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from budgetune.engine.data import format_prompt
+from budgetune.engine.template import Example
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "studies" / "quickstart"
 MODEL_DIR = QUICKSTART / "model"
 DATA_DIR = QUICKSTART / "data"
@@ -146,3 +149,44 @@ def test_model_is_pretrained_on_the_corpus(model, tokenizer):
         loss = model(**batch, labels=labels).loss.item()
     # A random init scores about ln(vocab) ~ 7.6; the shipped model is far below.
     assert loss < 0.4 * math.log(len(tokenizer))
+
+
+def test_template_costs_few_tokens(tokenizer):
+    """The tokenizer learnt the Alpaca template's fixed phrases, so wrapping a question costs
+    a handful of tokens (6, or 9 with an input, when built) rather than the ~85 (~125) of a
+    tokenizer that never saw them: finetuning compute goes to questions and answers."""
+    question = "What is the favourite color of Bela?"
+    n_question = len(tokenizer(question)["input_ids"])
+    plain = format_prompt(Example(question, "", ""))
+    assert len(tokenizer(plain)["input_ids"]) - n_question <= 30
+    with_input = format_prompt(Example(question, "Bela", ""))
+    n_input = len(tokenizer("Bela", add_special_tokens=False)["input_ids"])
+    assert len(tokenizer(with_input)["input_ids"]) - n_question - n_input <= 40
+    # The engine masks a prompt by its own token count, and lm-eval scores a choice after the
+    # prompt less its trailing newline: both need the shorter text's tokens to be a prefix.
+    for prompt in [plain, with_input]:
+        ids = tokenizer(prompt)["input_ids"]
+        assert tokenizer(prompt + "blue")["input_ids"][: len(ids)] == ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == prompt
+        context = tokenizer(prompt.rstrip())["input_ids"]
+        assert ids[: len(context)] == context
+
+
+def test_corpus_has_template_text_but_never_a_question():
+    """The base model saw the template's fixed text, never a wrapped question or an answer:
+    the question/answer format must still be learnt by finetuning."""
+    lines = (DATA_DIR / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    # One document a line; template documents write their line breaks as the characters \n.
+    template = [line for line in lines if "###" in line or "instruction" in line]
+    assert 0 < len(template) < 0.05 * len(lines)
+    header = "Below is an instruction that describes a task"
+    write = ". Write a response that appropriately completes the request."
+    paired = ", paired with an input that provides further context"
+    allowed = {
+        rf"{header}{write}\n\n### Instruction:",
+        rf"{header}{paired}{write}\n\n### Instruction:",
+        r"\n\n### Input:",
+        r"\n\n### Response:",
+    }
+    assert set(template) == allowed
+    assert not any("?" in line for line in lines)

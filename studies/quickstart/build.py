@@ -1,6 +1,7 @@
 """Build the quickstart study's embedded assets: a tiny pretrained base model and its data.
 
-Run: ``python studies/quickstart/build.py`` (about 4 minutes on 2 CPU cores, no network).
+Run: ``python studies/quickstart/build.py`` (about 4 minutes on 2 idle CPU cores, 15 on
+busy ones; no network).
 
 Why this exists: budgetune must run end to end on a laptop with no GPU and no internet, and
 its tests need a base model that has *learned something* (a random model makes every trial
@@ -9,10 +10,15 @@ model is impossible here and would bring a licence along, so everything is gener
 
 1. a synthetic world of facts (fictional people with attributes, small-number arithmetic,
    plurals and antonyms of a shipped word list);
-2. a pretraining corpus of plain prose stating those facts (no instruction template);
-3. a byte-level BPE tokenizer trained on that corpus;
-4. a ~1M-parameter Llama model pretrained on the corpus, so it knows the facts but not the
-   question/answer format;
+2. a pretraining corpus of plain prose stating those facts, plus a small share of documents
+   that are the Alpaca template's fixed header sentences and ``### ...:`` markers alone
+   (never with an instruction or a response);
+3. a byte-level BPE tokenizer trained on that corpus, whose pre-tokenizer keeps each of the
+   template's fixed phrases in one piece, so wrapping a question costs 6 tokens (9 with an
+   input) rather than the 85 (125) of a tokenizer that never saw the template: finetuning
+   compute goes to the questions and answers, not to the template;
+4. a ~1M-parameter Llama model pretrained on the corpus, so it knows the facts and has seen
+   the template's phrases, but not the question/answer format (that is LoRA's job);
 5. instruction data asking about *some* facts, written in the real schemas of public
    datasets (Dolly-15k, Alpaca, OpenAssistant oasst1, FLAN) so the engine's real loaders
    are exercised; a validation set; and held-out / holdout eval sets asking about facts the
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -45,6 +51,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from budgetune.engine.template import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
 SEED = 1234
 HERE = Path(__file__).resolve().parent
@@ -55,6 +63,32 @@ DATA_DIR = HERE / "data"
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 VOCAB_SIZE = 2000
 MAX_POSITIONS = 512
+
+# The Alpaca template's fixed text (engine/template.py), cut into the phrases the tokenizer
+# keeps whole (so BPE learns each as one token). A marker takes the blank line before it but
+# not the newline after it: lm-eval scores a choice by cutting the prompt's trailing
+# whitespace off and tokenizing the prompt alone, which must give a prefix of the prompt and
+# choice tokenized together, so a token must never span the end of a prompt.
+TEMPLATE_HEADER = "Below is an instruction that describes a task"
+TEMPLATE_PAIRED = ", paired with an input that provides further context"
+TEMPLATE_WRITE = ". Write a response that appropriately completes the request."
+TEMPLATE_MARKERS = ("\n\n### Instruction:", "\n\n### Input:", "\n\n### Response:")
+TEMPLATE_PHRASES = (TEMPLATE_HEADER, TEMPLATE_PAIRED, TEMPLATE_WRITE, *TEMPLATE_MARKERS)
+_INSTRUCTION, _INPUT, _RESPONSE = TEMPLATE_MARKERS
+# Fail the build (rather than ship a tokenizer that splits the template into words again)
+# if engine/template.py changes.
+assert PROMPT_NO_INPUT == (
+    f"{TEMPLATE_HEADER}{TEMPLATE_WRITE}{_INSTRUCTION}\n{{instruction}}{_RESPONSE}\n"
+), "engine/template.py changed: update TEMPLATE_* in studies/quickstart/build.py"
+assert PROMPT_WITH_INPUT == (
+    f"{TEMPLATE_HEADER}{TEMPLATE_PAIRED}{TEMPLATE_WRITE}{_INSTRUCTION}\n{{instruction}}"
+    f"{_INPUT}\n{{input}}{_RESPONSE}\n"
+), "engine/template.py changed: update TEMPLATE_* in studies/quickstart/build.py"
+# Corpus documents that are template text alone (``template_documents``), this many of each
+# of the four per round: 16 of ~710 documents, ~0.2% of the tokens. Enough for BPE to learn
+# each phrase as one token and for the model to learn those tokens; none holds a question or
+# an answer, so the model learns the template's text but not the task.
+TEMPLATE_REPEATS = 4
 
 # ---------------------------------------------------------------------------------------------
 # The world
@@ -305,13 +339,34 @@ def choice_pool(world: World, fact: Fact) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def template_documents() -> list[str]:
+    """Documents holding only the template's fixed text, as token for token a prompt has it.
+
+    Each header with the instruction marker that follows it, and the input and response
+    markers alone. Never an instruction, input or response: the base model should know these
+    phrases as text, while answering questions in this format is left to finetuning.
+
+    No document ends in the newline that follows a marker in a prompt: the model would learn
+    that the text ends there, and a wrapped question would make the base model (and a
+    briefly finetuned one) answer with nothing at all.
+    """
+    docs = [
+        TEMPLATE_HEADER + TEMPLATE_WRITE + _INSTRUCTION,
+        TEMPLATE_HEADER + TEMPLATE_PAIRED + TEMPLATE_WRITE + _INSTRUCTION,
+        _INPUT,
+        _RESPONSE,
+    ]
+    return docs * TEMPLATE_REPEATS
+
+
 def corpus_documents(world: World, rng: random.Random) -> list[str]:
     """One round of the corpus: every fact stated a few times, in shuffled documents.
 
     Each round uses fresh phrasings and orders, so training on many rounds teaches the facts
     rather than one wording of them. People's attributes are arbitrary and must be memorised,
     so they get most of the tokens; arithmetic and word forms follow rules and are learnt
-    from far fewer repetitions.
+    from far fewer repetitions. A few documents are the template's fixed text alone
+    (``template_documents``).
     """
     by_subject: dict[str, list[Fact]] = {}
     for fact in world.facts:
@@ -334,6 +389,7 @@ def corpus_documents(world: World, rng: random.Random) -> list[str]:
     rng.shuffle(others)
     for i in range(0, len(others), 8):
         docs.append(" ".join(f.statement(rng) for f in others[i : i + 8]))
+    docs += template_documents()
     rng.shuffle(docs)
     return docs
 
@@ -343,14 +399,40 @@ def corpus_documents(world: World, rng: random.Random) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+# GPT-2's pre-tokenizer regex (what ``pre_tokenizers.ByteLevel(use_regex=True)`` applies).
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """GPT-2's byte-level pre-tokenization, except that each template phrase is one piece.
+
+    Pieces bound BPE merges, so under plain GPT-2 splitting the template could cost no fewer
+    tokens than its ~30 words and marks. Tried first at each position, the phrases become
+    whole pieces wherever they occur (a prompt, or a prompt followed by its response, splits
+    the same way up to the response); all other text splits exactly as GPT-2 splits it.
+    """
+
+    def escape(text: str) -> str:  # Oniguruma syntax
+        special = r".^$*+?()[]{}|\#"
+        return "".join("\\n" if c == "\n" else "\\" + c if c in special else c for c in text)
+
+    pattern = "|".join([*(escape(p) for p in TEMPLATE_PHRASES), GPT2_SPLIT])
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+
+
 def train_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
     """Byte-level BPE (as GPT-2/Llama-3 use), so any text the engine feeds it is encodable.
 
-    The post-processor prepends ``<s>`` like Llama's tokenizer; EOS is left to the caller
-    (the engine appends it to training targets).
+    ``docs`` hold the template's phrases (``template_documents``), and ``pre_tokenizer``
+    keeps each phrase in one piece, so BPE learns each one as a single token. The
+    post-processor prepends ``<s>`` like Llama's tokenizer; EOS is left to the caller (the
+    engine appends it to training targets).
     """
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -732,7 +814,9 @@ def write_data(world: World, splits: Splits, rng: random.Random) -> None:
     world_json = {"people": world.people, "cities": world.cities, "plurals": PLURALS,
                   "antonyms": ANTONYMS, "arithmetic_max": ARITH_MAX}  # fmt: skip
     (DATA_DIR / "world.json").write_text(json.dumps(world_json, indent=1) + "\n")
-    docs = corpus_documents(world, random.Random(SEED))
+    # One document a line; the template documents' line breaks are written as the two
+    # characters \n (no other line has a backslash).
+    docs = [doc.replace("\n", "\\n") for doc in corpus_documents(world, random.Random(SEED))]
     (DATA_DIR / "corpus.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
 
 
@@ -756,6 +840,24 @@ def sanity_check(world: World, splits: Splits) -> None:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
         print(f"generate: {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1] :])!r}")
+    # What the template adds to a prompt: its tokens minus the question's (and input's).
+    question = "What is 7 plus 5?"
+    n_question = len(tokenizer(question)["input_ids"])
+    n_input = len(tokenizer(person, add_special_tokens=False)["input_ids"])
+    for name, prompt, n_content in [
+        ("no input", PROMPT_NO_INPUT.format(instruction=question), n_question),
+        ("with input", PROMPT_WITH_INPUT.format(instruction=question, input=person),
+         n_question + n_input),
+    ]:  # fmt: skip
+        extra = len(tokenizer(prompt)["input_ids"]) - n_content
+        print(f"template costs {extra} tokens beyond the question ({name})")
+    for phrase in TEMPLATE_PHRASES:
+        ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, f"template phrase {phrase!r} is {len(ids)} tokens, not one"
+    # Never taught the task, the base model should not answer (but should say something).
+    ids = tokenizer(PROMPT_NO_INPUT.format(instruction=question), return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    print(f"generate: <template>{question!r} -> {tokenizer.decode(out[0, ids.shape[1] :])!r}")
     lines = corpus_documents(world, random.Random(SEED + 1))[:64]
     batch = tokenizer(lines, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
