@@ -86,6 +86,11 @@ def _run_and_print(study: Study, ostudy: optuna.Study, heartbeat_s: float) -> No
         print(f"budgetune: interrupted; continue with `budgetune resume {where}`", file=sys.stderr)
         raise SystemExit(130) from None
     print(summary)
+    # The report is part of the answer: write it next to the run and print its path (a
+    # report that fails says so in one line and never fails the study).
+    from budgetune.search.report import write_run_report
+
+    write_run_report(study.storage, study.name, study.run_dir)
 
 
 def launch(

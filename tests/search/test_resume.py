@@ -113,6 +113,8 @@ def test_interrupt_kill_and_resume_account_for_everything_once(tmp_path: Path) -
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert "study killme (finished)" in out and "export" in out
+    # the finished run leaves its report in the run directory and says where
+    assert f"report: {run / 'report.html'}" in out and (run / "report.html").stat().st_size > 0
 
     ostudy = optuna.load_study(study_name="killme", storage=storage)
     trials = ostudy.get_trials()
