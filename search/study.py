@@ -70,8 +70,11 @@ class BudgetSpec:
     """Everything the study may spend: trials, their evals, the final run, driver overhead."""
     trial_s: float
     """Configured allowance of one trial (setup + training + its short-horizon eval)."""
-    final_share: float = 0.3
-    """Fraction of the total reserved for the final run (it also gets whatever search leaves)."""
+    final_share: float = 0.6
+    """Fraction of the total reserved for the final run (it also gets whatever search leaves).
+    0.6 by default: on the replayed quickstart curves (tests/benchmarks/
+    bench_search_policies.py) the final run's length moved the final quality far more than
+    more trials did; 0.3 left the default policy no better than random search."""
     min_trial_s: float | None = None
     """A trial is started only if it can get at least this much (default: trial_s / 2)."""
     margin_s: float | None = None
