@@ -235,8 +235,12 @@ class Recording:
 
     def describe(self, config: int) -> dict[str, Any]:
         """A recorded configuration's parameters as plain Python values."""
-        row = self.configs.iloc[config]
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        out: dict[str, Any] = {}
+        for k, v in self.configs.iloc[config].items():
+            v = v.item() if hasattr(v, "item") else v
+            integer = k in RULES and RULES[k].kind is int
+            out[k] = int(v) if integer and isinstance(v, float) and v.is_integer() else v
+        return out
 
 
 # --- reading and validation ---------------------------------------------------------------

@@ -165,6 +165,26 @@ def budget_to_reach(medians: pd.Series, target: float) -> float:
     return float("inf")
 
 
+def oracle_budget(rec: Any, study: Any, ref_s: float, target: float) -> tuple[float, dict]:
+    """Least budget fraction at which a free, perfect search would reach `target`.
+
+    The bound no policy beats: the best recorded configuration trained on the whole budget
+    (less the final tail), as if searching cost nothing. Returns it and that configuration.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in np.linspace(0.02, 1.0, 50):
+            total = f * ref_s
+            tail = dataclasses.replace(study.budget, total_s=total, final_tail_s=None).final_tail
+            cfg = study.run_config(Path(tmp), {}, max_seconds=total - tail)
+            best = (float("inf"), 0)
+            for cid in range(len(rec.configs)):
+                run = rec.pick_run(cid, rec.seeds(cid)[0], cfg)
+                best = min(best, (rec.expected_value(cid, cfg, run.horizon_step(cfg)), cid))
+            if best[0] <= target:
+                return float(f), rec.describe(best[1])
+    return float("inf"), {}
+
+
 def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     """Per strategy at the reference budget: median, quartiles, range, budget to reach (b)."""
     ref = df[df.fraction == 1.0]
@@ -259,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(e) reaches (b)'s median with {e.budget_to_random_median:.2f}x the budget "
         f"(<= 0.33x: {'yes' if e.budget_to_random_median <= 1 / 3 + 1e-9 else 'no'})"
     )
+    f, cfg = oracle_budget(rec, study, ref_s, target)
+    print(f"bound: a free, perfect search (the best recorded configuration {cfg} trained on "
+          f"the whole budget) reaches (b)'s median with {f:.2f}x the budget")  # fmt: skip
     out = a.out or Path(tempfile.mkdtemp(prefix="budgetune-bench-")) / "search_policies.html"
     write_figure(df, target, ref_s, out)
     print(f"figure: {out}")
