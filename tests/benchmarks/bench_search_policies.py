@@ -13,10 +13,12 @@ budgetune.search.record_curves`). The driver, ledger, pruner and final run are t
 - (c) tpe: Optuna TPE, no pruning, then the final run;
 - (d) sha: random sampling with successive halving, then the final run;
 - (e) budgetune: the default policy, i.e. what a study file without `[sampler]`, `[pruner]`
-  and `budget.final_share` gets (`search/study.py` defaults).
+  and `budget.final_share` gets (`search/study.py` defaults);
+- (e') the same search as (e) with (b)-(d)'s final share, to tell what the split does from
+  what the search does.
 
-(b)-(d) are frozen baselines (Optuna's TPE defaults; 30% of the budget reserved for the final
-run, as the quickstart study does), so tuning the defaults in `search/study.py` moves only (e).
+(b)-(d) are frozen baselines (`strategy_study`; 30% of the budget reserved for the final run,
+as the quickstart study does), so tuning the defaults in `search/study.py` moves only (e).
 The reference budget is what the recording's full horizon costs the
 default configuration; a trial's allowance is a fixed fraction of it (the user's choice in a
 real study, kept equal across budgets). The final model's quality is the chosen
@@ -48,10 +50,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[2]
 CURVES = ROOT / "tests" / "benchmarks" / "data" / "quickstart_curves.csv"
 STUDY = ROOT / "studies" / "quickstart.toml"
-STRATEGIES = ("default", "random", "tpe", "sha", "budgetune")
+STRATEGIES = ("default", "random", "tpe", "sha", "budgetune", "split30")
 LABELS = {"default": "(a) default config, whole budget", "random": "(b) random search",
           "tpe": "(c) TPE, no pruning", "sha": "(d) successive halving (random)",
-          "budgetune": "(e) budgetune default policy"}  # fmt: skip
+          "budgetune": "(e) budgetune default policy",
+          "split30": "(e') (e)'s search, 30% final share"}  # fmt: skip
 BUDGETS = (1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
 """Budgets swept, as fractions of the reference budget."""
 TRIAL_FRACTION = 1 / 10
@@ -95,18 +98,24 @@ def base_study(rec: Any) -> Any:
 def strategy_study(study: Any, strategy: str, total_s: float, trial_s: float) -> Any:
     """The study each strategy runs at `total_s` (module docstring).
 
-    The baselines are frozen here (Optuna's own TPE defaults, successive halving with the
-    driver's rung spacing, a 30% final share) so they stay put while the defaults in
-    `search/study.py`, which (e) uses, are tuned.
+    The baselines are frozen here (TPE with 5 random startup trials and multivariate, as the
+    driver sets it up: Optuna's own default of 10 startup trials is more than this budget
+    holds, which makes it random search; successive halving with the driver's rung spacing;
+    a 30% final share) so they stay put while `search/study.py`'s defaults, which (e) uses,
+    are tuned.
     """
     from budgetune.search.study import BudgetSpec, PrunerSpec, SamplerSpec
 
     if strategy == "budgetune":
         return dataclasses.replace(study, budget=BudgetSpec(total_s=total_s, trial_s=trial_s),
                                    sampler=SamplerSpec(), pruner=PrunerSpec())  # fmt: skip
+    if strategy == "split30":
+        budget = BudgetSpec(total_s=total_s, trial_s=trial_s, final_share=BASELINE_FINAL_SHARE)
+        return dataclasses.replace(study, budget=budget, sampler=SamplerSpec(),
+                                   pruner=PrunerSpec())  # fmt: skip
     sampler, pruner = {
         "random": (SamplerSpec(kind="random"), PrunerSpec(kind="none")),
-        "tpe": (SamplerSpec(kind="tpe", n_startup_trials=10, multivariate=False),
+        "tpe": (SamplerSpec(kind="tpe", n_startup_trials=5, multivariate=True),
                 PrunerSpec(kind="none")),
         "sha": (SamplerSpec(kind="random"),
                 PrunerSpec(kind="successive-halving", reduction_factor=3)),
