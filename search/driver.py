@@ -312,6 +312,12 @@ class Driver:
         # come out of the trial's allowance
         used = self.meter.charge("overhead", None, res) + self._after_s
         reporter = TrialReporter(self, trial, dataclasses.replace(res, seconds=res.seconds - used))
+        if not attrs.get("horizon_s") and used > 0:
+            # so does the horizon: trained past the reporter's allowance, a run is stopped
+            # before its final validation and the trial is spent with no score
+            horizon = max(1.0, horizon - used)
+            config = dataclasses.replace(config, max_seconds=horizon)
+            self._set_attrs(tid, {"horizon_s": horizon})
         reporter.phase("setup")
         extra: dict[str, Any] = {}
         try:

@@ -157,6 +157,31 @@ def test_oom_steers_away_and_the_frontier_is_skipped_without_running(tmp_path: P
     _check_books(study, ostudy)
 
 
+def test_a_trials_horizon_leaves_out_what_its_reservation_already_paid(tmp_path: Path) -> None:
+    # the only validation is at the horizon's end; every trial's bookkeeping takes 3 s, paid
+    # out of the next trial's reservation
+    text = STUDY.replace("eval_interval = 20", "eval_interval = 1000")
+    text = text.replace('backend = "fake"', 'backend = "fake"\nmax_trials = 2')
+    study, ostudy, backend, driver = _driver(tmp_path, text)
+    for _ in range(2):
+        ostudy.enqueue_trial({"micro_batch": 4, "lora_rank": 8, "lr": 3e-3})
+    finish = driver._finish
+
+    def slow_finish(*a, **kw):
+        finish(*a, **kw)
+        backend.sleep(3.0)
+
+    driver._finish = slow_finish
+    driver.run()
+    first, second = ostudy.get_trials()[:2]
+    assert first.state == TrialState.COMPLETE
+    assert first.user_attrs["horizon_s"] == pytest.approx(30 - 0.5 - 1.0)
+    # trained to the configured horizon, the second trial would be stopped short of it
+    assert second.state == TrialState.COMPLETE, second.user_attrs.get("reason")
+    assert second.user_attrs["horizon_s"] == pytest.approx(30 - 0.5 - 1.0 - 3.0, abs=0.01)
+    _check_books(study, ostudy)
+
+
 class _Failing(FakeBackend):
     def __init__(self, *a, error: Exception, **kw) -> None:
         super().__init__(*a, **kw)
