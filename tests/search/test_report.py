@@ -17,6 +17,7 @@ import optuna
 import pandas as pd
 import plotly.offline
 import pytest
+import sqlalchemy.exc
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
@@ -273,11 +274,11 @@ def test_run_report_lands_in_the_run_dir_and_never_raises(
 
 
 def test_report_from_a_postgresql_storage_url(tmp_path: Path) -> None:
-    url = "postgresql+psycopg2://postgres@localhost:5432/test"
+    url = "postgresql://postgres@localhost:5432/test"  # SQLAlchemy's default driver: psycopg 3
     try:
         names = optuna.study.get_all_study_names(url)
-    except Exception as e:  # no server here: the rest of the suite still runs
-        pytest.skip(f"no PostgreSQL at localhost:5432 ({type(e).__name__})")
+    except sqlalchemy.exc.OperationalError as e:  # no server here: the rest of the suite runs
+        pytest.skip(f"no PostgreSQL at localhost:5432 ({str(e.orig).splitlines()[0]})")
     name = f"report-{uuid.uuid4().hex[:8]}"
     study = optuna.create_study(study_name=name, storage=url)
     try:
