@@ -140,6 +140,7 @@ def build_figures(data: ReportData) -> dict[str, list[figs.Figure]]:
             figs.importance_figure(data, importances),
             figs.history_figure(data),
             figs.learning_curves_figure(data),
+            figs.horizon_figure(data),
             figs.parallel_figure(data),
             figs.slice_figure(data),
             figs.contour_figure(data, importances),

@@ -23,6 +23,7 @@ from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvalu
 from optuna.trial import FrozenTrial
 from plotly.subplots import make_subplots
 
+from budgetune.search.horizon import horizon_correlation
 from budgetune.search.report_data import (
     MIX_PREFIX,
     OUTCOMES,
@@ -35,6 +36,12 @@ from budgetune.search.report_data import (
 
 MIN_TRIALS_FOR_IMPORTANCE = 10
 """Below this many completed trials, importances are mostly noise; the page says so."""
+
+HORIZON_MIN_PAIRS = 5
+"""Completed trials that must share a step before its rank correlation is drawn."""
+
+HORIZON_TRUST = 0.5
+"""Below this rank correlation, the horizon figure's note warns that pruning chooses blind."""
 
 IMPORTANCE_SEED = 0
 """fANOVA's forest is random: a fixed seed makes the same study give the same report."""
@@ -238,6 +245,41 @@ def learning_curves_figure(data: ReportData) -> Figure:
                       yaxis_type="log", legend_title="outcome", height=420)
     return Figure("curves", title, fig, "Pruned trials stop early; OOM and diverged trials end "
                   "where the failure hit.")
+
+
+def horizon_figure(data: ReportData) -> Figure:
+    """How well a trial's early validation loss ranked it where it ended (Spearman by step).
+
+    The search rests on this: the pruner judges trials after a few evals and the final run
+    trains the winner far longer. Correlations near 1 say early readings can be trusted;
+    near 0 or below, pruning and short trials are choosing blind, and longer trials (or a
+    later `pruner.min_resource`) are worth their cost.
+    """
+    title = "Do early readings predict the end? (rank correlation by step)"
+    table = horizon_correlation(data.trials, min_pairs=HORIZON_MIN_PAIRS)
+    if table.empty:
+        return _empty("horizon", title, f"needs {HORIZON_MIN_PAIRS} completed trials that "
+                      "reported at the same step before their last")  # fmt: skip
+    fig = go.Figure(go.Scatter(
+        x=table.horizon_step.tolist(), y=table.spearman.tolist(), mode="lines+markers",
+        name="Spearman", customdata=table[["n", "fraction"]].to_numpy().tolist(),
+        line={"color": COLOURS["complete"]},
+        hovertemplate="step %{x} (%{customdata[1]:.0%} of a trial)<br>rho %{y:.3f} "
+        "over %{customdata[0]} trials<extra></extra>",
+    ))  # fmt: skip
+    fig.add_hline(y=0, line_dash="dot", line_color="#888")
+    fig.update_layout(title=title, xaxis_title="optimizer step of the early reading",
+                      yaxis_title="Spearman rho with the trial's objective",
+                      yaxis_range=[-1.05, 1.05], height=360)  # fmt: skip
+    weakest = table.loc[table.spearman.idxmin()] if table.spearman.notna().any() else None
+    note = (f"Each point pairs completed trials' validation loss at a step with their final "
+            f"objective ({int(table.n.max())} trials at most). Pruned trials are not in it: "
+            f"they have no end to compare with.")  # fmt: skip
+    if weakest is not None and weakest.spearman < HORIZON_TRUST:
+        note += (f" At step {int(weakest.horizon_step)} rho is {weakest.spearman:.2f}: early "
+                 "readings there rank trials poorly; consider a later pruner.min_resource or "
+                 "longer trials.")  # fmt: skip
+    return Figure("horizon", title, fig, note)
 
 
 # --- budget -------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_report_page_embeds_plotly_once_and_draws_every_figure(finished: Path) -
     has_data = dict(re.findall(r'data-key="(\w+)" data-has-data="(true|false)"', text))
     # No final run in this study: its curve is the one figure with nothing to draw.
     assert {k for k, v in has_data.items() if v == "false"} == {"final"}
-    assert len(has_data) == 12
+    assert len(has_data) == 13
     assert "OOM frontier hit" in text and "trials diverged" in text
 
 
@@ -179,7 +179,7 @@ def test_empty_study_renders_with_no_data_notes(tmp_path: Path) -> None:
     optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path}/study.db")
     data = collect(str(tmp_path))
     figures = [f for section in build_figures(data).values() for f in section]
-    assert len(figures) == 12 and not any(f.has_data for f in figures)
+    assert len(figures) == 13 and not any(f.has_data for f in figures)
     assert "No completed trial yet." in render(data)
 
 
@@ -291,3 +291,32 @@ def test_report_from_a_postgresql_storage_url(tmp_path: Path) -> None:
                 collect(url)
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+def test_horizon_figure_shows_how_early_readings_ranked_the_trials(finished: Path) -> None:
+    # Every completed trial's curve keeps its rank from the first report to the end.
+    figure = report_figures.horizon_figure(collect(str(finished)))
+    assert figure.has_data and "consider" not in figure.note
+    (trace,) = figure.fig.data
+    assert list(trace.x) == [10, 20, 30, 40] and list(trace.y) == pytest.approx([1.0] * 4)
+
+
+def test_horizon_figure_warns_when_early_readings_rank_trials_backwards(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="crossing", storage=f"sqlite:///{tmp_path}/study.db")
+    for i in range(6):
+        # fast starters end worst: the ranking at step 10 is the end's, reversed
+        curve = {10: 2.0 - 0.1 * i, 20: 1.5, 30: 1.0 + 0.05 * i}
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=curve[30],
+                                     params={"lr": 1e-4 * (i + 1)},
+                                     distributions={"lr": FloatDistribution(1e-5, 1e-2)},
+                                     intermediate_values=curve))  # fmt: skip
+    figure = report_figures.horizon_figure(collect(str(tmp_path)))
+    (trace,) = figure.fig.data
+    assert list(trace.x) == [10, 20] and trace.y[0] == pytest.approx(-1.0)
+    assert "At step 10 rho is -1.00" in figure.note and "pruner.min_resource" in figure.note
+
+
+def test_horizon_figure_waits_for_enough_completed_trials(tmp_path: Path) -> None:
+    _study(tmp_path, n=4)
+    figure = report_figures.horizon_figure(collect(str(tmp_path)))
+    assert not figure.has_data and "needs 5 completed trials" in figure.note

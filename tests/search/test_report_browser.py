@@ -154,7 +154,7 @@ def test_trial_table_exports_load_in_pandas(fake_run: Path, fake_report: Path) -
 
 
 EXPECTED_FIGURES = {
-    "importance", "history", "curves", "parallel", "slice", "contour",
+    "importance", "history", "curves", "horizon", "parallel", "slice", "contour",
     "timeline", "spend", "hardware", "mix", "holdout", "final",
 }  # fmt: skip
 
