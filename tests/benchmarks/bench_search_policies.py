@@ -281,6 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     table, target = summarize(df)
     print()
     print(format_table(table, a.seeds))
+    by_budget = df.pivot_table(index="strategy", columns="fraction", values="quality",
+                               aggfunc="median").reindex(list(STRATEGIES))  # fmt: skip
+    by_budget.columns = [f"{f:.3g}x" for f in by_budget.columns]
+    print(f"\nmedian final val_loss by budget (x the reference {ref_s:.1f} s):")
+    print(by_budget.round(3).to_string())
     e = table.iloc[STRATEGIES.index("budgetune")]
     best = table["median"].min()
     print(
