@@ -15,8 +15,8 @@ from budgetune.engine.errors import UserInputError
 
 Precision = Literal["bf16-true", "bf16-mixed", "16-true", "16-mixed", "32-true"]
 PRECISIONS: tuple[str, ...] = ("bf16-true", "bf16-mixed", "16-true", "16-mixed", "32-true")
-Schema = Literal["dolly", "alpaca", "oasst1", "flan"]
-SCHEMAS: tuple[str, ...] = ("dolly", "alpaca", "oasst1", "flan")
+Schema = Literal["dolly", "alpaca", "oasst1", "flan", "lima"]
+SCHEMAS: tuple[str, ...] = ("dolly", "alpaca", "oasst1", "flan", "lima")
 TARGETS: tuple[str, ...] = ("attention", "all-linear")
 
 

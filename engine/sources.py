@@ -251,7 +251,28 @@ def _oasst1(rows: Iterator[Row]) -> Iterator[Example]:
             yield Example(instruction=text, input="", response=best[message_id][2])
 
 
-_PARSERS = {"dolly": _dolly, "alpaca": _alpaca, "oasst1": _oasst1, "flan": _flan}
+def _lima(rows: Iterator[Row]) -> Iterator[Example]:
+    """LIMA's `conversations`: alternating user and assistant turns, the user's first.
+
+    The first exchange of each conversation is one example (as Lit-GPT's prepare_lima does
+    by default); a conversation with no reply (LIMA's test split) has nothing to train on
+    and is skipped.
+    """
+    for where, row in rows:
+        turns = row.get("conversations")
+        if not isinstance(turns, list):
+            got = "missing" if turns is None else f"a {type(turns).__name__}"
+            raise UserInputError(
+                f"{where}: field 'conversations' must be a list of strings for schema lima, "
+                f"got {got}"
+            )
+        if not all(isinstance(t, str) for t in turns):
+            raise UserInputError(f"{where}: field 'conversations' holds a non-string turn")
+        if len(turns) >= 2:
+            yield Example(instruction=turns[0], input="", response=turns[1])
+
+
+_PARSERS = {"dolly": _dolly, "alpaca": _alpaca, "oasst1": _oasst1, "flan": _flan, "lima": _lima}
 
 
 def load_examples(spec: SourceSpec) -> list[Example]:

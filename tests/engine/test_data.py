@@ -185,6 +185,22 @@ def test_flan_inputs_become_instruction(tmp_path: Path) -> None:
     ]
 
 
+def test_lima_conversations_give_their_first_exchange(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "lima.jsonl", [
+        {"conversations": ["Name a prime.", "7.", "Another?", "11."], "source": "stackexchange"},
+        {"conversations": ["A prompt with no reply (LIMA's test split)"], "source": "multi_turn"},
+        {"conversations": ["Why is the sky blue?", "Rayleigh scattering."], "source": "wikihow"},
+    ])  # fmt: skip
+    assert load_examples(SourceSpec("l", str(path), "lima")) == [
+        Example("Name a prime.", "", "7."),
+        Example("Why is the sky blue?", "", "Rayleigh scattering."),
+    ]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": ["q", "a"]}, {"text": "q"}])
+    with pytest.raises(UserInputError, match=r"bad\.jsonl line 2: field 'conversations' must "
+                       "be a list of strings for schema lima, got missing"):  # fmt: skip
+        load_examples(SourceSpec("l", str(bad), "lima"))
+
+
 def test_oasst1_pairs_english_prompts_with_best_usable_reply(tmp_path: Path) -> None:
     rows = [
         oasst_row("p1", None, "prompter", "Root question"),
