@@ -591,7 +591,7 @@ def test_user_errors_name_file_and_line(tmp_path: Path) -> None:
     )
 
     assert one_line_error(SourceSpec("d", str(no_field), "sharegpt")) == (  # type: ignore[arg-type]
-        "source 'd': schema 'sharegpt' is unknown (choose dolly, alpaca, oasst1, flan)"
+        "source 'd': schema 'sharegpt' is unknown (choose dolly, alpaca, oasst1, flan, lima)"
     )
     # An oasst1 dump without message ids is not oasst1.
     oasst = write_jsonl(
