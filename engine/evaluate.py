@@ -22,10 +22,14 @@ evaluation core is called directly (see `_run`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -290,6 +294,31 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextmanager
+def hushed(enabled: bool = True) -> Iterator[None]:
+    """Keep lm-eval's progress bars and warnings out of a study's output for a block.
+
+    Its bars go to stderr (captured here) and its per-call warnings about an in-memory
+    model through the `lm_eval` logger (raised to ERROR). If the block fails, what it
+    printed is written out before the error goes on, so nothing needed for debugging is lost.
+    """
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    captured = io.StringIO()
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+    finally:
+        logger.setLevel(level)
+
+
 # --- evaluation -------------------------------------------------------------------------
 
 
@@ -422,6 +451,7 @@ def evaluate(
     batch_size: int = 8,
     offline: bool | None = None,
     bootstrap_iters: int = 1000,
+    quiet: bool = False,
 ) -> EvalReport:
     """Score an in-memory model on lm-eval tasks, without merging or writing weights.
 
@@ -432,6 +462,7 @@ def evaluate(
     Pass a prepared `task_manager` (see `build_task_manager`) to pay its indexing once per
     process; otherwise `include_paths` are localized into a temporary folder for this call.
     `offline=None` switches the hub off exactly when every task reads local files.
+    `quiet=True` keeps lm-eval's progress bars and warnings out of the output (`hushed`).
     """
     requests = _as_requests(tasks)
     start = time.perf_counter()  # lm-eval's first import (seconds) is part of the cost
@@ -447,8 +478,10 @@ def evaluate(
                 manager = build_task_manager(dirs, [r.name for r in requests], include_paths)
             if offline is None:
                 offline = tasks_are_local(manager, [r.name for r in requests])
-            lm = HFLM(pretrained=net, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-            results = _run(lm, requests, manager, offline, bootstrap_iters)
+            with hushed(quiet):
+                lm = HFLM(pretrained=net, tokenizer=copy.deepcopy(tokenizer),
+                          batch_size=batch_size)  # fmt: skip
+                results = _run(lm, requests, manager, offline, bootstrap_iters)
     finally:
         net.train(was_training)
     return EvalReport(tasks=results, seconds=time.perf_counter() - start)

@@ -380,6 +380,7 @@ class Evaluator:
             task_manager=manager,
             batch_size=self.settings.batch_size,
             offline=self._offline,
+            quiet=True,  # a study's output is its own progress display
         )
         report.seconds += setup_s
         return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from budgetune.engine.evaluate import (
     evaluate,
     evaluate_pretrained,
     hub_offline,
+    hushed,
     localize_task_dirs,
 )
 
@@ -295,3 +297,27 @@ def test_bf16_cuda_model_in_memory_matches_its_export(
     )
     assert memory.tasks[0].value == pytest.approx(exported.tasks[0].value)
     assert memory.tasks[0].n_examples == exported.tasks[0].n_examples == 40
+
+
+@pytest.mark.slow
+def test_quiet_eval_keeps_lm_evals_bars_and_warnings_out_of_the_output(
+    model_dir: Path, tasks_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    request = [TaskRequest("quickstart_heldout_mc", limit=4)]
+    capfd.readouterr()
+    loud = evaluate(model, tokenizer, request, include_paths=[tasks_dir])
+    printed = "".join(capfd.readouterr())
+    assert "Running loglikelihood requests" in printed  # what a study's output filled with
+    quiet = evaluate(model, tokenizer, request, include_paths=[tasks_dir], quiet=True)
+    out, err = capfd.readouterr()
+    assert "Running loglikelihood requests" not in err and "pretrained" not in err + out
+    assert quiet.tasks[0].value == loud.tasks[0].value
+    # a failing eval still shows what lm-eval printed before the error
+    with pytest.raises(RuntimeError, match="boom"), hushed():
+        print("lm-eval said this", file=sys.stderr)
+        raise RuntimeError("boom")
+    assert "lm-eval said this" in capfd.readouterr().err
