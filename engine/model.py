@@ -16,6 +16,7 @@ import gc
 import importlib.util
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,7 +227,11 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings):
     )
     # autocast_adapter_dtype=False: the adapter lives in the base dtype, as Lit-GPT's does,
     # so bf16-true trains a bf16 adapter instead of silently mixing precisions.
-    return get_peft_model(model, config, autocast_adapter_dtype=False)
+    with warnings.catch_warnings():
+        # peft asks transformers' deprecated `is_gradient_checkpointing` on every adapter: a
+        # note for peft's maintainers that would otherwise print once per trial
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def remove_lora(peft_model) -> PreTrainedModel:

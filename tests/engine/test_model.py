@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,14 @@ def test_all_linear_covers_mlp_and_attention_but_not_the_head() -> None:
     model = AutoModelForCausalLM.from_config(_family_configs()["llama"])
     leaves = set(lora_targets(model, "all-linear"))
     assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_attaching_an_adapter_prints_no_library_deprecation_warning() -> None:
+    model = AutoModelForCausalLM.from_config(_family_configs()["llama"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        add_lora(model, LoraSettings(r=4))
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], seen
 
 
 def test_remove_lora_restores_the_base_exactly() -> None:
