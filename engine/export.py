@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from budgetune.engine.config import RunConfig
 from budgetune.engine.errors import UserInputError
-from budgetune.engine.model import load_tokenizer, resolve_model_path
+from budgetune.engine.model import load_tokenizer, peft_quietly, resolve_model_path
 from budgetune.engine.template import Example, format_prompt
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -70,7 +70,8 @@ def load_with_adapter(
     except (OSError, ValueError, KeyError) as e:
         raise UserInputError(f"{base}: cannot load as a causal LM ({e})") from e
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model, load_tokenizer(path)
 

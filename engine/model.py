@@ -17,7 +17,8 @@ import importlib.util
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,11 +228,18 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings):
     )
     # autocast_adapter_dtype=False: the adapter lives in the base dtype, as Lit-GPT's does,
     # so bf16-true trains a bf16 adapter instead of silently mixing precisions.
-    with warnings.catch_warnings():
-        # peft asks transformers' deprecated `is_gradient_checkpointing` on every adapter: a
-        # note for peft's maintainers that would otherwise print once per trial
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+    with peft_quietly():
         return get_peft_model(model, config, autocast_adapter_dtype=False)
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap an adapter's creation or loading: peft asks transformers' deprecated
+    `is_gradient_checkpointing` every time, a note for peft's maintainers that would
+    otherwise print once per trial and once per export."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        yield
 
 
 def remove_lora(peft_model) -> PreTrainedModel:

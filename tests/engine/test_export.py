@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,10 @@ def test_lm_eval_loads_the_export_and_scores_it_like_the_live_model(trained) -> 
 
 def test_merge_from_a_run_dir_matches_the_worker_export(trained, tmp_path: Path) -> None:
     _, run_dir, exported = trained
-    out = merge_adapter(run_dir, tmp_path / "from-run")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = merge_adapter(run_dir, tmp_path / "from-run")
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], seen
     a, b = load_file(out / "model.safetensors"), load_file(exported / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     # The run's own config travels with it as provenance.
