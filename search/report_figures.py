@@ -273,8 +273,9 @@ def horizon_figure(data: ReportData) -> Figure:
                       yaxis_range=[-1.05, 1.05], height=360)  # fmt: skip
     weakest = table.loc[table.spearman.idxmin()] if table.spearman.notna().any() else None
     note = (f"Each point pairs completed trials' validation loss at a step with their final "
-            f"objective ({int(table.n.max())} trials at most). Pruned trials are not in it: "
-            f"they have no end to compare with.")  # fmt: skip
+            f"objective ({int(table.n.max())} trials at most). Pruned trials are not in it "
+            f"(they have no end to compare with), so the early readings compared are all "
+            f"survivors' good ones: rho reads lower than the pruner's real accuracy.")  # fmt: skip
     if weakest is not None and weakest.spearman < HORIZON_TRUST:
         note += (f" At step {int(weakest.horizon_step)} rho is {weakest.spearman:.2f}: early "
                  "readings there rank trials poorly; consider a later pruner.min_resource or "
