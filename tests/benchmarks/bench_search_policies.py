@@ -109,25 +109,17 @@ def strategy_study(study: Any, strategy: str, total_s: float, trial_s: float) ->
     # The search share's slack: 1% for every strategy. The default's floor of 1 s covers a
     # real driver's database writes, which a replay does not have; on the recording's
     # seconds-long reference budget it would hold back an eighth of the budget.
-    margin = 0.01 * total_s
-    if strategy == "budgetune":
-        budget = BudgetSpec(total_s=total_s, trial_s=trial_s, margin_s=margin)
-        return dataclasses.replace(study, budget=budget, sampler=SamplerSpec(),
-                                   pruner=PrunerSpec())  # fmt: skip
-    if strategy == "split30":
-        budget = BudgetSpec(total_s=total_s, trial_s=trial_s, final_share=BASELINE_FINAL_SHARE,
-                            margin_s=margin)  # fmt: skip
-        return dataclasses.replace(study, budget=budget, sampler=SamplerSpec(),
-                                   pruner=PrunerSpec())  # fmt: skip
+    share = {} if strategy == "budgetune" else {"final_share": BASELINE_FINAL_SHARE}
+    budget = BudgetSpec(total_s=total_s, trial_s=trial_s, margin_s=0.01 * total_s, **share)
     sampler, pruner = {
+        "budgetune": (SamplerSpec(), PrunerSpec()),
+        "split30": (SamplerSpec(), PrunerSpec()),
         "random": (SamplerSpec(kind="random"), PrunerSpec(kind="none")),
         "tpe": (SamplerSpec(kind="tpe", n_startup_trials=5, multivariate=True),
                 PrunerSpec(kind="none")),
         "sha": (SamplerSpec(kind="random"),
                 PrunerSpec(kind="successive-halving", reduction_factor=3)),
     }[strategy]  # fmt: skip
-    budget = BudgetSpec(total_s=total_s, trial_s=trial_s, final_share=BASELINE_FINAL_SHARE,
-                        margin_s=margin)  # fmt: skip
     return dataclasses.replace(study, budget=budget, sampler=sampler, pruner=pruner)
 
 
