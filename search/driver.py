@@ -285,12 +285,11 @@ class Driver:
         params = study.space.suggest(trial)
         tid = trial._trial_id
         trial_dir = Path(attrs.get("trial_dir") or study.run_dir / "trials" / str(trial.number))
-        horizon = float(
-            attrs.get("horizon_s") or max(1.0, res.seconds - b.trial_setup_s - b.trial_eval_s)
-        )
+        stored = attrs.get("horizon_s")  # a continuation keeps its trial's LR schedule
+        horizon = float(stored or max(1.0, res.seconds - b.trial_setup_s - b.trial_eval_s))
         config = study.run_config(trial_dir, params, max_seconds=horizon)
         start = {"worker_id": self.worker_id, "trial_dir": str(trial_dir),
-                 "reserved_s": res.seconds, "horizon_s": horizon}  # fmt: skip
+                 "reserved_s": res.seconds}  # fmt: skip
         if isinstance(study.space.params.get("lora_alpha"), AlphaRatio):
             start["lora_alpha"] = params["lora_alpha"]
         for src, w in (params.get("weights") or {}).items():
@@ -312,7 +311,7 @@ class Driver:
         # come out of the trial's allowance
         used = self.meter.charge("overhead", None, res) + self._after_s
         reporter = TrialReporter(self, trial, dataclasses.replace(res, seconds=res.seconds - used))
-        if not attrs.get("horizon_s") and used > 0:
+        if not stored:
             # so does the horizon: trained past the reporter's allowance, a run is stopped
             # before its final validation and the trial is spent with no score
             horizon = max(1.0, horizon - used)
